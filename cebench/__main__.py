@@ -1,0 +1,7 @@
+"""`python -m cebench`."""
+
+import sys
+
+from cebench.cli import main
+
+sys.exit(main())

@@ -1,0 +1,134 @@
+"""Cases: one point of a sweep, and the inputs it is run on.
+
+A case is family × N × V (× H) × dtype × options; modes are measured per case. Inputs
+are generated deterministically from the case and a seed, directly on the target
+device, in the requested dtype, at a realistic logit scale: real LM heads produce
+logits with a standard deviation of a few units, never zeros (zeros would hide bugs
+in max-subtraction and in the gradient).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import asdict, dataclass
+
+import torch
+
+MODES = ("forward", "backward", "forward+backward")
+IGNORE_INDEX = -100
+LOGIT_STD = 2.0  # typical spread of trained LM logits; large enough to exercise the max shift
+
+
+@dataclass(frozen=True)
+class Case:
+    family: str
+    N: int
+    V: int
+    H: int | None = None
+    dtype: str = "float32"
+    reduction: str = "mean"
+    ignore_frac: float = 0.0
+    label_smoothing: float = 0.0
+    z_loss: float = 0.0
+    softcap: float | None = None
+    seed: int = 0
+
+    def __post_init__(self):
+        validate_case(self)
+
+    @property
+    def id(self) -> str:
+        parts = [self.family, f"N={self.N}", f"V={self.V}"]
+        if self.H is not None:
+            parts.append(f"H={self.H}")
+        parts += [self.dtype, self.reduction]
+        for key, default in (("ignore_frac", 0.0), ("label_smoothing", 0.0), ("z_loss", 0.0), ("softcap", None)):
+            if getattr(self, key) != default:
+                parts.append(f"{key}={getattr(self, key)}")
+        return " ".join(parts)
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return getattr(torch, self.dtype)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    def input_bytes(self) -> int:
+        """Bytes the inputs hold (logits or hidden+weight, plus int64 targets)."""
+        size = torch.tensor([], dtype=self.torch_dtype).element_size()
+        if self.family.endswith("linear"):
+            return (self.N + self.V) * self.H * size + self.N * 8
+        return self.N * self.V * size + self.N * 8
+
+
+class CaseError(ValueError):
+    """A case that cannot be built: bad sizes, dtype or options."""
+
+
+def validate_case(case: Case) -> None:
+    """Reject impossible cases before any tensor is allocated."""
+    for key in ("N", "V"):
+        value = getattr(case, key)
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise CaseError(f"{key} must be a positive integer, got {value!r}")
+    if case.family.endswith("linear") and (not isinstance(case.H, int) or case.H <= 0):
+        raise CaseError(f"family {case.family!r} needs a positive integer H, got {case.H!r}")
+    if case.dtype not in ("float32", "bfloat16", "float16"):
+        raise CaseError(f"dtype must be float32, bfloat16 or float16, got {case.dtype!r}")
+    if case.reduction not in ("mean", "sum", "none"):
+        raise CaseError(f"reduction must be mean, sum or none, got {case.reduction!r}")
+    if not 0.0 <= case.ignore_frac <= 1.0:
+        raise CaseError(f"ignore_frac must be in [0, 1], got {case.ignore_frac!r}")
+    if not 0.0 <= case.label_smoothing <= 1.0:
+        raise CaseError(f"label_smoothing must be in [0, 1], got {case.label_smoothing!r}")
+    if case.z_loss < 0:
+        raise CaseError(f"z_loss must be >= 0, got {case.z_loss!r}")
+    if case.softcap is not None and case.softcap <= 0:
+        raise CaseError(f"softcap must be positive or absent, got {case.softcap!r}")
+
+
+def _generator(case: Case, device: str, salt: str) -> torch.Generator:
+    digest = hashlib.sha256(f"{case.id}|{case.seed}|{salt}".encode()).digest()
+    gen = torch.Generator(device=device)
+    gen.manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
+    return gen
+
+
+def make_targets(case: Case, device: str) -> torch.Tensor:
+    gen = _generator(case, device, "targets")
+    targets = torch.randint(0, case.V, (case.N,), generator=gen, device=device, dtype=torch.int64)
+    if case.ignore_frac > 0:
+        ignored = torch.rand(case.N, generator=gen, device=device) < case.ignore_frac
+        targets[ignored] = IGNORE_INDEX
+    return targets
+
+
+def make_inputs(case: Case, device: str) -> dict[str, torch.Tensor]:
+    """Fresh inputs for `case` on `device`: the same values every time for the same case."""
+    gen = _generator(case, device, "inputs")
+    dtype = case.torch_dtype
+    if case.family.endswith("linear"):
+        hidden = torch.randn(case.N, case.H, generator=gen, device=device, dtype=torch.float32)
+        # scale the weight so that hidden @ weight.T has std LOGIT_STD
+        weight = torch.randn(case.V, case.H, generator=gen, device=device, dtype=torch.float32)
+        weight *= LOGIT_STD / case.H**0.5
+        inputs = {"hidden": hidden.to(dtype), "weight": weight.to(dtype)}
+    else:
+        logits = torch.randn(case.N, case.V, generator=gen, device=device, dtype=torch.float32)
+        inputs = {"logits": (logits * LOGIT_STD).to(dtype)}
+    inputs["targets"] = make_targets(case, device)
+    return inputs
+
+
+def make_grad_output(case: Case, device: str) -> torch.Tensor:
+    """The upstream gradient: random, never exactly 1, so a kernel that ignores it fails."""
+    gen = _generator(case, device, "grad_output")
+    shape = (case.N,) if case.reduction == "none" else ()
+    grad = 0.5 + torch.rand(shape, generator=gen, device=device, dtype=torch.float32)
+    # round to bf16 so the value is exact in every dtype a loss may come back in
+    return grad.to(torch.bfloat16).to(torch.float32)
+
+
+def differentiable_names(case: Case) -> tuple[str, ...]:
+    return ("hidden", "weight") if case.family.endswith("linear") else ("logits",)

@@ -1,0 +1,123 @@
+"""Command line: `python -m cebench run | list | report`.
+
+Exit codes: 0 all good; 1 an implementation failed or disagreed with the reference;
+2 bad arguments, suite file or input (the message names what is wrong).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+from cebench import registry, suites
+from cebench.cases import CaseError
+from cebench.report import write_markdown
+from cebench.results import REPO, RunWriter, environment, new_run_id, write_env
+from cebench.runner import run_suite, stderr_log
+
+EXIT_OK, EXIT_IMPL_FAILED, EXIT_USAGE = 0, 1, 2
+RESULTS_DIR = REPO / "results"
+
+
+class UsageError(Exception):
+    pass
+
+
+def detect_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _split(text: str | None) -> list[str] | None:
+    return [s.strip() for s in text.split(",") if s.strip()] if text else None
+
+
+def _load_impls(plugins: list[str]) -> None:
+    registry.load_all(plugins)
+    for source, error in registry.LOAD_ERRORS.items():
+        stderr_log(f"warning: plugin {source} failed to import and is skipped: {error}")
+
+
+def _check_device(device: str) -> str:
+    kind = device.split(":")[0]
+    if kind not in ("cpu", "cuda"):
+        raise UsageError(f"--device must be cpu, cuda or cuda:N, got {device!r}")
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda asked for, but torch sees no CUDA device")
+    return device
+
+
+def cmd_run(args) -> int:
+    device = _check_device(args.device or detect_device())
+    suite = suites.load(args.suite or suites.DEFAULT_SUITE[device.split(":")[0]])
+    _load_impls(args.plugin)
+    impls = registry.select(_split(args.impl))
+    run_id = new_run_id(suite.name, device)
+    run_dir = Path(args.out or RESULTS_DIR) / run_id
+    writer = RunWriter(run_dir)
+    write_env(run_dir, environment(device, suite.name, suite.sha256, [sys.executable, "-m", "cebench", *sys.argv[1:]]))
+    stderr_log(f"cebench: suite {suite.name} ({suite.path}) on {device}, {len(impls)} implementation(s) -> {run_dir}")
+    try:
+        outcome = run_suite(suite, impls, device, writer, run_id, log=stderr_log)
+    finally:
+        writer.close()
+    report = write_markdown(run_dir)
+    stderr_log(f"cebench: results {run_dir / 'results.csv'}; report {report}")
+    for problem in outcome.disagreed + outcome.failed:
+        stderr_log(f"cebench: PROBLEM: {problem}")
+    print(run_dir)
+    return EXIT_IMPL_FAILED if outcome.disagreed or outcome.failed else EXIT_OK
+
+
+def cmd_list(args) -> int:
+    _load_impls(args.plugin)
+    print(f"{'name':<22} {'family':<8} {'available':<10} {'mutates':<8} options / devices / dtypes")
+    for impl in sorted(registry.registry().values(), key=lambda i: (i.family, i.name)):
+        reason = impl.unavailable_reason()
+        status = "yes" if reason is None else "no"
+        print(f"{impl.name:<22} {impl.family:<8} {status:<10} {str(impl.mutates_inputs).lower():<8} "
+              f"{impl.options_summary()} / {','.join(impl.devices)} / {','.join(impl.dtypes)}")
+        if reason:
+            print(f"{'':<22} unavailable: {reason}")
+    for source, error in registry.LOAD_ERRORS.items():
+        print(f"failed to load {source}: {error}")
+    print(f"suites: {', '.join(suites.available_suites())}")
+    return EXIT_OK
+
+
+def cmd_report(args) -> int:
+    run_dir = Path(args.run_dir)
+    if not (run_dir / "results.csv").is_file():
+        raise UsageError(f"{run_dir}: not a run directory (no results.csv)")
+    print(write_markdown(run_dir))
+    return EXIT_OK
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m cebench", description="Benchmark cross-entropy implementations.")
+    sub = p.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run a suite and write results and a report")
+    run.add_argument("--suite", help="suite name in suites/ or path to a .toml file (default: fits the device)")
+    run.add_argument("--impl", help="comma-separated implementation names (default: all)")
+    run.add_argument("--plugin", action="append", default=[], help="plugin .py file or module name (repeatable)")
+    run.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda if available)")
+    run.add_argument("--out", help="directory to create the run directory in (default: results/)")
+    run.set_defaults(func=cmd_run)
+    lst = sub.add_parser("list", help="list implementations, their availability and options")
+    lst.add_argument("--plugin", action="append", default=[], help="plugin .py file or module name (repeatable)")
+    lst.set_defaults(func=cmd_list)
+    rep = sub.add_parser("report", help="write the Markdown report of a run directory")
+    rep.add_argument("run_dir")
+    rep.set_defaults(func=cmd_report)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (UsageError, suites.SuiteError, registry.RegistryError, CaseError) as exc:
+        print(f"cebench: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE

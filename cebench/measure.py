@@ -1,0 +1,198 @@
+"""Time and peak memory of a zero-argument callable, on CUDA or on the CPU.
+
+CUDA: `triton.testing.do_bench` (CUDA events, warm-up, an L2 flush before every repeat,
+gradients set to None between repeats) returns every sample; peak memory comes from the
+caching allocator's counters.
+
+CPU: wall-clock `perf_counter` around each call, repeated until both a minimum count
+and a minimum time are reached. Peak memory is measured, not estimated: the profiler's
+allocator events (every tensor allocation and free, with its size) are replayed in
+order and the running total's maximum is the peak.
+
+Peak memory is always "above what the inputs already hold": the counter starts at the
+state where only the inputs exist. `setup` runs inside that window but before the
+measured part (the forward of a backward-mode case), so what it keeps alive counts,
+and what it allocates transiently does not.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import os
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+
+@dataclass(frozen=True)
+class TimingPlan:
+    """How hard to try for a stable median. Suites may override the CPU values."""
+
+    warmup: int = 2
+    min_repeats: int = 5
+    max_repeats: int = 200
+    min_time_s: float = 0.2
+    cuda_warmup_ms: float = 25.0
+    cuda_rep_ms: float = 100.0
+
+
+@dataclass
+class Timing:
+    samples_ms: list[float] = field(default_factory=list)
+
+    def quantile(self, q: float) -> float:
+        if len(self.samples_ms) == 1:
+            return self.samples_ms[0]
+        return statistics.quantiles(self.samples_ms, n=100, method="inclusive")[round(q * 100) - 1]
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.samples_ms)
+
+
+def time_callable(fn: Callable, device: str, plan: TimingPlan, grad_to_none=(), setup: Callable | None = None) -> Timing:
+    """Samples of `fn()`, or of `fn(setup())` with `setup` run untimed before every call."""
+    if device.startswith("cuda"):
+        if setup is None:
+            return _time_cuda(fn, plan, grad_to_none)
+        return _time_cuda_with_setup(fn, setup, plan, grad_to_none)
+    return _time_cpu(fn, setup, plan, grad_to_none)
+
+
+def _reset_grads(tensors) -> None:
+    for t in tensors:
+        t.grad = None
+
+
+def _time_cuda(fn, plan: TimingPlan, grad_to_none) -> Timing:
+    from triton.testing import do_bench
+
+    samples = do_bench(fn, warmup=plan.cuda_warmup_ms, rep=plan.cuda_rep_ms,
+                       grad_to_none=list(grad_to_none) or None, return_mode="all")
+    return Timing([float(s) for s in samples])
+
+
+def _time_cuda_with_setup(fn, setup, plan: TimingPlan, grad_to_none) -> Timing:
+    """do_bench's protocol (events, L2 flush before each call) with an untimed setup per call.
+
+    do_bench has no per-call setup hook; backward-mode timing needs one (a fresh forward
+    graph per call, so no retain_graph), and so do implementations that overwrite their inputs.
+    """
+    from triton.testing import do_bench  # noqa: F401  (same dependency as the setup-free path)
+
+    flush = torch.empty(256 << 20, dtype=torch.int8, device="cuda")
+
+    def one_call() -> float:
+        state = setup()
+        _reset_grads(grad_to_none)
+        flush.zero_()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn(state)
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end)
+
+    first = one_call()
+    for _ in range(max(1, int(plan.cuda_warmup_ms / max(first, 1e-3)))):
+        one_call()
+    count = max(plan.min_repeats, min(plan.max_repeats * 5, int(plan.cuda_rep_ms / max(first, 1e-3))))
+    return Timing([one_call() for _ in range(count)])
+
+
+def _time_cpu(fn, setup, plan: TimingPlan, grad_to_none) -> Timing:
+    def one_call() -> float:
+        state = setup() if setup else None
+        _reset_grads(grad_to_none)
+        start = time.perf_counter()
+        fn(state) if setup else fn()
+        return (time.perf_counter() - start) * 1e3
+
+    for _ in range(plan.warmup):
+        one_call()
+    samples: list[float] = []
+    began = time.perf_counter()
+    while len(samples) < plan.max_repeats:
+        samples.append(one_call())
+        if len(samples) >= plan.min_repeats and time.perf_counter() - began >= plan.min_time_s:
+            break
+    return Timing(samples)
+
+
+@dataclass(frozen=True)
+class Memory:
+    peak_bytes: int  # above what the inputs hold
+    inputs_bytes: int
+
+    @property
+    def total_bytes(self) -> int:
+        return self.peak_bytes + self.inputs_bytes
+
+
+def peak_memory(fn: Callable[[object], object], device: str, inputs_bytes: int,
+                setup: Callable[[], object] | None = None) -> Memory:
+    """Peak bytes allocated above the inputs while `fn(setup())` runs; what setup keeps alive counts."""
+    gc.collect()
+    if device.startswith("cuda"):
+        return _peak_cuda(fn, setup, inputs_bytes)
+    return _peak_cpu(fn, setup, inputs_bytes)
+
+
+def _peak_cuda(fn, setup, inputs_bytes: int) -> Memory:
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    state = setup() if setup else None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    fn(state)
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - base
+    del state
+    return Memory(max(0, peak), inputs_bytes)
+
+
+_WINDOW = "cebench::measured"
+
+
+@contextlib.contextmanager
+def _quiet_stderr():
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with open(os.devnull, "w") as devnull:
+        os.dup2(devnull.fileno(), 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def _peak_cpu(fn, setup, inputs_bytes: int) -> Memory:
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+    with _quiet_stderr():  # kineto prints a line to fd 2 on every start and stop
+        prof.start()
+    try:
+        state = setup() if setup else None
+        with record_function(_WINDOW):
+            fn(state)
+        del state
+    finally:
+        with _quiet_stderr():
+            prof.stop()
+    events = prof.profiler.kineto_results.events()
+    window_start = min((e.start_ns() for e in events if e.name() == _WINDOW), default=0)
+    allocations = sorted((e.start_ns(), e.nbytes()) for e in events if e.name() == "[memory]")
+    live = sum(nbytes for start_ns, nbytes in allocations if start_ns < window_start)
+    peak = live  # what setup left alive is held during the whole window
+    for start_ns, nbytes in allocations:
+        if start_ns >= window_start:
+            live += nbytes
+            peak = max(peak, live)
+    return Memory(max(0, peak), inputs_bytes)

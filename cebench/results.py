@@ -1,0 +1,150 @@
+"""Results as data with provenance: a tidy long table written row by row, raw samples, and the environment.
+
+A run directory holds:
+  results.csv   one row per implementation × case × mode × metric (pandas-readable), appended and
+                flushed as each value is measured, so a crash loses at most the cell in flight;
+  samples.jsonl every raw timing sample, one JSON object per implementation × case × mode;
+  env.json      where and how the run happened: device, driver/CUDA, library versions,
+                Python, CPU, git commit and dirty flag, argv, suite hash, start time.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import importlib.metadata
+import json
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+COLUMNS = [
+    "run_id", "suite", "case", "family", "impl", "mode", "metric", "unit", "value", "p20", "p80", "n",
+    "status", "reason", "trusted", "N", "V", "H", "dtype", "reduction", "ignore_frac", "label_smoothing",
+    "z_loss", "softcap", "device", "mutates_inputs",
+]
+STATUSES = ("ok", "unsupported", "skipped", "failed", "oom", "timeout", "unavailable")
+REPO = Path(__file__).resolve().parent.parent
+
+
+class RunWriter:
+    """Appends rows and samples to a run directory, flushing after every write."""
+
+    def __init__(self, run_dir: Path):
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.results_path = self.run_dir / "results.csv"
+        new = not self.results_path.exists()
+        self._rows = open(self.results_path, "a", newline="")
+        self._writer = csv.DictWriter(self._rows, fieldnames=COLUMNS, extrasaction="raise")
+        if new:
+            self._writer.writeheader()
+            self._rows.flush()
+        self._samples = open(self.run_dir / "samples.jsonl", "a")
+
+    def write_row(self, row: dict) -> None:
+        self._writer.writerow({c: _cell(row.get(c)) for c in COLUMNS})
+        self._rows.flush()
+
+    def write_samples(self, key: dict, samples_ms: list[float]) -> None:
+        self._samples.write(json.dumps({**key, "samples_ms": samples_ms}) + "\n")
+        self._samples.flush()
+
+    def close(self) -> None:
+        self._rows.close()
+        self._samples.close()
+
+
+def _cell(value):
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return repr(value)
+    return value
+
+
+def new_run_id(suite: str, device: str) -> str:
+    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    return f"{stamp}-{suite}-{device.split(':')[0]}"
+
+
+def read_results(run_dir: str | Path):
+    """The run's rows as a pandas DataFrame."""
+    import pandas as pd
+
+    return pd.read_csv(Path(run_dir) / "results.csv", keep_default_na=False, na_values=[""])
+
+
+def read_env(run_dir: str | Path) -> dict:
+    return json.loads((Path(run_dir) / "env.json").read_text())
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _git(*args: str) -> str | None:
+    try:
+        out = subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def environment(device: str, suite_name: str, suite_hash: str, argv: list[str] | None = None) -> dict:
+    """Provenance for env.json."""
+    cuda = device.startswith("cuda") and torch.cuda.is_available()
+    env = {
+        "time": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "device": device,
+        "device_name": torch.cuda.get_device_name(device) if cuda else _cpu_name(),
+        "cpu": _cpu_name(),
+        "cpu_count": os.cpu_count(),
+        "cuda": torch.version.cuda if cuda else None,
+        "driver": _nvidia_driver() if cuda else None,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "triton": _version("triton"),
+        "liger_kernel": _version("liger-kernel"),
+        "cut_cross_entropy": _version("cut-cross-entropy"),
+        "cebench": _version("cebench"),
+        "git_commit": _git("rev-parse", "HEAD"),
+        "git_dirty": bool(_git("status", "--porcelain")),
+        "argv": list(argv if argv is not None else sys.argv),
+        "suite": suite_name,
+        "suite_hash": suite_hash,
+        "triton_interpret": os.environ.get("TRITON_INTERPRET") == "1",
+        "torch_threads": torch.get_num_threads(),
+    }
+    return env
+
+
+def _nvidia_driver() -> str | None:
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=10)
+        return out.stdout.strip().splitlines()[0] if out.returncode == 0 else None
+    except (OSError, subprocess.TimeoutExpired, IndexError):
+        return None
+
+
+def write_env(run_dir: Path, env: dict) -> None:
+    (Path(run_dir) / "env.json").write_text(json.dumps(env, indent=2) + "\n")

@@ -1,0 +1,228 @@
+"""Run a suite: for each case, each implementation is checked, then measured mode by mode.
+
+The data flows one way: suite → cases → (implementation × case) cells → rows. A cell:
+  1. skipped (unavailable) or unsupported rows, when the implementation cannot run it;
+  2. agreement: a call on fresh copies of the pristine inputs, its loss and gradients
+     compared with the float64 reference (computed once per case, on inputs no
+     implementation has touched); the copies are then compared with the pristine inputs
+     to see whether the implementation mutated them;
+  3. per mode: peak memory (one call on fresh copies), then time (repeated calls).
+Setup stays out of the timed region: each mode is a zero-argument callable built
+beforehand. Backward-mode time excludes the forward: each timed backward gets a fresh
+forward, built untimed just before it. An implementation that disagrees is reported
+loudly and every one of its timings in that case is marked untrusted.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import torch
+
+from cebench.cases import Case, differentiable_names, make_grad_output, make_inputs
+from cebench.measure import TimingPlan, peak_memory, time_callable
+from cebench.reference import compare, reference
+from cebench.registry import Impl
+
+MiB = float(1 << 20)
+
+
+@dataclass
+class Outcome:
+    """What a run found, for the exit code and the closing summary."""
+
+    cells: int = 0
+    disagreed: list[str] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)
+
+
+def impl_kwargs(impl: Impl, case: Case) -> dict:
+    """Keyword arguments for a call: only the options the case sets."""
+    kwargs = {"reduction": case.reduction, "ignore_index": -100}
+    if case.label_smoothing:
+        kwargs["label_smoothing"] = case.label_smoothing
+    if case.z_loss:
+        kwargs["z_loss"] = case.z_loss
+    if case.softcap is not None:
+        kwargs["softcap"] = case.softcap
+    return kwargs
+
+
+def fresh_inputs(pristine: dict[str, torch.Tensor], case: Case) -> dict[str, torch.Tensor]:
+    """Copies of the pristine inputs, differentiable ones as leaves that require grad."""
+    grads = differentiable_names(case)
+    return {k: v.clone().requires_grad_(k in grads) for k, v in pristine.items()}
+
+
+def call(impl: Impl, case: Case, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    names = (*differentiable_names(case), "targets")
+    return impl.fn(*(inputs[n] for n in names), **impl_kwargs(impl, case))
+
+
+def _backward(loss: torch.Tensor, grad_output: torch.Tensor) -> None:
+    loss.backward(grad_output.to(loss.dtype))
+
+
+def mode_callables(impl: Impl, case: Case, mode: str, inputs, pristine, grad_output):
+    """(setup, measured): `setup()` runs untimed before every measured call `measured(setup())`.
+
+    Backward mode's setup is the forward, so its time excludes the forward and every
+    call gets a fresh graph. An implementation that overwrites its inputs gets them
+    restored from the pristine copy in the setup of every call.
+    """
+    def refresh():
+        if impl.mutates_inputs:
+            with torch.no_grad():
+                for name, tensor in inputs.items():
+                    tensor.copy_(pristine[name])
+
+    if mode == "forward":
+        return refresh, lambda _: call(impl, case, inputs)
+    if mode == "forward+backward":
+        return refresh, lambda _: _backward(call(impl, case, inputs), grad_output)
+    if mode == "backward":
+        return (lambda: refresh() or call(impl, case, inputs)), (lambda loss: _backward(loss, grad_output))
+    raise ValueError(f"unknown mode {mode!r}")
+
+
+class CellRunner:
+    """Runs one implementation on one case and yields result rows."""
+
+    def __init__(self, impl: Impl, case: Case, modes, device: str, plan: TimingPlan, pristine, ref, grad_output,
+                 on_samples: Callable[[dict, list[float]], None]):
+        self.impl, self.case, self.modes, self.device, self.plan = impl, case, modes, device, plan
+        self.pristine, self.ref, self.grad_output, self.on_samples = pristine, ref, grad_output, on_samples
+        self.trusted = True
+        self.interpreted = impl.uses_triton and os.environ.get("TRITON_INTERPRET") == "1"
+
+    def row(self, mode: str, metric: str, status: str = "ok", **values) -> dict:
+        case = self.case
+        return {
+            "case": case.id, "family": case.family, "impl": self.impl.name, "mode": mode, "metric": metric,
+            "status": status, "N": case.N, "V": case.V, "H": case.H, "dtype": case.dtype,
+            "reduction": case.reduction, "ignore_frac": case.ignore_frac, "label_smoothing": case.label_smoothing,
+            "z_loss": case.z_loss, "softcap": case.softcap, "device": self.device,
+            "mutates_inputs": self.impl.mutates_inputs, "trusted": self.trusted and status == "ok", **values,
+        }
+
+    def rows(self) -> Iterator[dict]:
+        reason = self.impl.unavailable_reason()
+        status = "skipped" if reason else "unsupported"
+        reason = reason or self.impl.unsupported_reason(self.case, self.device.split(":")[0])
+        if reason:
+            yield from self._status_rows(status, reason)
+            return
+        check_rows, ran = self._check()
+        yield from check_rows
+        if not ran:
+            yield from self._status_rows("skipped", "agreement check did not run", include_check=False)
+            return
+        for mode in self.modes:
+            yield from self._measure(mode)
+
+    def _status_rows(self, status: str, reason: str, include_check: bool = True) -> Iterator[dict]:
+        if include_check:
+            yield self.row("check", "agreement", status, unit="bool", reason=reason)
+        for mode in self.modes:
+            yield self.row(mode, "time", status, unit="ms", reason=reason)
+
+    def _check(self) -> tuple[list[dict], bool]:
+        inputs = fresh_inputs(self.pristine, self.case)
+        try:
+            loss = call(self.impl, self.case, inputs)
+            _backward(loss, self.grad_output)
+        except Exception as exc:
+            self.trusted = False
+            return [self.row("check", "agreement", _failure_status(exc), unit="bool", reason=_describe(exc))], False
+        outputs = {"loss": loss.detach(), **{n: inputs[n].grad for n in differentiable_names(self.case)}}
+        agreements = compare(outputs, self.ref, self.case.dtype)
+        self.trusted = all(a.ok for a in agreements) and not self.interpreted
+        rows = []
+        for a in agreements:
+            rows.append(self.row("check", f"max_abs_err[{a.quantity}]", unit="abs", value=a.max_abs_err))
+            rows.append(self.row("check", f"rel_err[{a.quantity}]", unit="rel", value=a.rel_err))
+        ok = all(a.ok for a in agreements)
+        worst = max(agreements, key=lambda a: a.rel_err / a.tolerance)
+        rows.append(self.row("check", "agreement", "ok" if ok else "failed", unit="bool", value=float(ok),
+                             reason=("agrees: " if ok else "DISAGREES with float64 reference: ") + worst.describe()))
+        mutated = [n for n in self.pristine if not torch.equal(inputs[n].detach(), self.pristine[n])]
+        rows.append(self.row("check", "mutates_input", unit="bool", value=float(bool(mutated)),
+                             reason=("mutated: " + ", ".join(mutated)) if mutated else ""))
+        return rows, True
+
+    def _measure(self, mode: str) -> Iterator[dict]:
+        note = "Triton interpreter on CPU: timing not meaningful" if self.interpreted else ""
+        try:
+            inputs = fresh_inputs(self.pristine, self.case)
+            setup, measured = mode_callables(self.impl, self.case, mode, inputs, self.pristine, self.grad_output)
+            memory = peak_memory(measured, self.device, self.case.input_bytes(), setup=setup)
+            leaves = [inputs[n] for n in differentiable_names(self.case)]
+            needs_setup = mode == "backward" or self.impl.mutates_inputs
+            timing = time_callable(measured if needs_setup else (lambda: measured(None)), self.device, self.plan,
+                                   grad_to_none=leaves, setup=setup if needs_setup else None)
+        except Exception as exc:
+            yield self.row(mode, "time", _failure_status(exc), unit="ms", reason=_describe(exc))
+            return
+        finally:
+            if self.device.startswith("cuda"):
+                torch.cuda.empty_cache()
+        key = {"impl": self.impl.name, "case": self.case.id, "mode": mode}
+        self.on_samples(key, timing.samples_ms)
+        yield self.row(mode, "time", unit="ms", value=timing.median, p20=timing.quantile(0.2),
+                       p80=timing.quantile(0.8), n=len(timing.samples_ms), reason=note)
+        yield self.row(mode, "peak_memory", unit="MiB", value=memory.peak_bytes / MiB,
+                       reason="above the inputs" + (f"; {note}" if note else ""))
+        yield self.row(mode, "total_memory", unit="MiB", value=memory.total_bytes / MiB, reason="inputs + peak")
+
+
+def _failure_status(exc: BaseException) -> str:
+    if isinstance(exc, torch.OutOfMemoryError) or "can't allocate memory" in str(exc):
+        return "oom"
+    return "failed"
+
+
+def _describe(exc: BaseException) -> str:
+    text = f"{type(exc).__name__}: {exc}".replace("\n", " ")
+    return text[:500]
+
+
+def run_suite(suite, impls: list[Impl], device: str, writer, run_id: str, log=print) -> Outcome:
+    """Run every cell of `suite` for `impls`, writing rows as they are measured."""
+    outcome = Outcome()
+    cells = list(suite.cells())
+    for index, (case, modes, restrict) in enumerate(cells, 1):
+        chosen = [i for i in impls if i.family == case.family and (restrict is None or i.name in restrict)]
+        log(f"[{index}/{len(cells)}] {case.id}: {len(chosen)} implementation(s)")
+        pristine = make_inputs(case, device)
+        grad_output = make_grad_output(case, device)
+        ref = reference(case, pristine, grad_output)
+        for impl in chosen:
+            outcome.cells += 1
+            runner = CellRunner(impl, case, modes, device, suite.timing, pristine, ref, grad_output, writer.write_samples)
+            for row in runner.rows():
+                writer.write_row({"run_id": run_id, "suite": suite.name, **row})
+                _note(outcome, row, log)
+        del pristine, ref
+    return outcome
+
+
+def _note(outcome: Outcome, row: dict, log) -> None:
+    label = f"{row['impl']} on {row['case']}"
+    if row["metric"] == "agreement" and row["status"] == "failed":
+        target = outcome.failed if "DISAGREES" not in row.get("reason", "") else outcome.disagreed
+        target.append(f"{label}: {row['reason']}")
+        log(f"  !! {label}: {row['reason']}")
+    elif row["status"] in ("failed", "oom", "timeout"):
+        outcome.failed.append(f"{label} [{row['mode']}]: {row['status']}: {row.get('reason', '')}")
+        log(f"  !! {label} [{row['mode']}]: {row['status']}: {row.get('reason', '')}")
+    elif row["metric"] == "time" and row["status"] == "ok":
+        log(f"  {row['impl']:<22} {row['mode']:<17} {row['value']:9.3f} ms [{row['p20']:.3f}, {row['p80']:.3f}]")
+    elif row["metric"] == "time" and row["mode"] == "forward":
+        log(f"  {row['impl']:<22} {row['status']}: {row.get('reason', '')}")
+
+
+def stderr_log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)

@@ -1,0 +1,148 @@
+"""Chunked cross-entropy in plain PyTorch: the full fp32 intermediate never exists.
+
+`chunked` (logits family) walks the rows in chunks. The forward keeps only each row's
+log-sum-exp; the backward recomputes one chunk's softmax at a time from the logits and
+that log-sum-exp and writes the chunk's gradient into the output buffer. At any moment
+at most one chunk of fp32 intermediates is alive, forward or backward.
+
+`linear_chunked` (linear family) never materialises the logits: per chunk of tokens it
+computes the logits chunk, its loss and its gradient in the forward pass, turns that
+gradient into grad_hidden (a matmul) and accumulates grad_weight in fp32 (accumulating in
+bf16 visibly bends loss curves). The backward only scales the stored gradients by the
+upstream gradient, so it supports the scalar reductions (mean, sum).
+
+Chunk sizes come from a memory budget: CHUNK_BYTES of fp32 logits per chunk.
+"""
+
+import torch
+
+import cebench
+
+CHUNK_BYTES = 64 << 20
+
+
+def chunk_rows(n_rows: int, vocab: int) -> int:
+    return max(1, min(n_rows, CHUNK_BYTES // (4 * vocab)))
+
+
+class Options:
+    """The loss options of one call, with the per-chunk math they imply."""
+
+    def __init__(self, ignore_index=-100, label_smoothing=0.0, z_loss=0.0, softcap=None):
+        self.ignore_index, self.eps, self.z_loss, self.softcap = ignore_index, label_smoothing, z_loss, softcap
+
+    def capped(self, x32: torch.Tensor) -> torch.Tensor:
+        return self.softcap * torch.tanh(x32 / self.softcap) if self.softcap else x32
+
+    def rows_loss(self, z: torch.Tensor, targets: torch.Tensor):
+        """Per-row loss (0 on ignored rows) and log-sum-exp of fp32 capped logits `z`."""
+        valid = targets != self.ignore_index
+        lse = torch.logsumexp(z, dim=-1)
+        z_t = z.gather(1, torch.where(valid, targets, 0).unsqueeze(1)).squeeze(1)
+        loss = (1 - self.eps) * (lse - z_t) + self.eps * (lse - z.mean(dim=-1)) + self.z_loss * lse**2
+        return torch.where(valid, loss, 0.0), lse
+
+    def rows_grad(self, x32, z, lse, targets, row_scale) -> torch.Tensor:
+        """dLoss/dx for a chunk, each row scaled by row_scale (0 for ignored rows)."""
+        valid = targets != self.ignore_index
+        grad = torch.exp(z - lse.unsqueeze(1))
+        grad *= (1 + 2 * self.z_loss * lse).unsqueeze(1)
+        grad -= self.eps / z.shape[1]
+        grad.scatter_add_(1, torch.where(valid, targets, 0).unsqueeze(1),
+                          torch.full((z.shape[0], 1), -(1 - self.eps), device=z.device))
+        grad *= torch.where(valid, row_scale, 0.0).unsqueeze(1)
+        if self.softcap:
+            grad *= 1 - (z / self.softcap) ** 2
+        return grad
+
+
+def reduce_rows(rows: torch.Tensor, n_valid: torch.Tensor, reduction: str) -> torch.Tensor:
+    if reduction == "none":
+        return rows
+    return rows.sum() if reduction == "sum" else rows.sum() / n_valid
+
+
+def row_scale(targets, grad_output, n_valid, reduction, ignore_index) -> torch.Tensor:
+    """The factor each row's gradient is multiplied by, given the upstream gradient."""
+    scale = grad_output.float().expand(targets.shape[0])
+    if reduction == "mean":
+        scale = scale / n_valid
+    return torch.where(targets != ignore_index, scale, 0.0)
+
+
+class ChunkedCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, targets, reduction, opts):
+        n, vocab = logits.shape
+        step = chunk_rows(n, vocab)
+        rows = torch.empty(n, device=logits.device, dtype=torch.float32)
+        lse = torch.empty_like(rows)
+        for s in range(0, n, step):
+            z = opts.capped(logits[s:s + step].float())
+            rows[s:s + step], lse[s:s + step] = opts.rows_loss(z, targets[s:s + step])
+        n_valid = (targets != opts.ignore_index).sum()
+        ctx.save_for_backward(logits, targets, lse, n_valid)
+        ctx.reduction, ctx.opts = reduction, opts
+        return reduce_rows(rows, n_valid, reduction).to(logits.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        logits, targets, lse, n_valid = ctx.saved_tensors
+        opts = ctx.opts
+        scale = row_scale(targets, grad_output, n_valid, ctx.reduction, opts.ignore_index)
+        grad = torch.empty_like(logits)
+        step = chunk_rows(*logits.shape)
+        for s in range(0, logits.shape[0], step):
+            sl = slice(s, s + step)
+            x32 = logits[sl].float()
+            grad[sl] = opts.rows_grad(x32, opts.capped(x32), lse[sl], targets[sl], scale[sl])
+        return grad, None, None, None
+
+
+@cebench.register(name="chunked", family="logits", reductions=("mean", "sum", "none"),
+                  label_smoothing=True, z_loss=True, softcap=True)
+def chunked(logits, targets, *, reduction="mean", ignore_index=-100, label_smoothing=0.0, z_loss=0.0,
+            softcap=None):
+    """Token chunks; lse saved, softmax recomputed per chunk in backward."""
+    opts = Options(ignore_index, label_smoothing, z_loss, softcap)
+    return ChunkedCrossEntropy.apply(logits, targets, reduction, opts)
+
+
+class LinearChunkedCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, reduction, opts):
+        n, vocab = hidden.shape[0], weight.shape[0]
+        n_valid = (targets != opts.ignore_index).sum()
+        # the gradient is computed now, for an upstream gradient of 1; backward rescales it
+        scale = row_scale(targets, torch.ones((), device=hidden.device), n_valid, reduction, opts.ignore_index)
+        rows = torch.empty(n, device=hidden.device, dtype=torch.float32)
+        grad_hidden = torch.empty_like(hidden)
+        grad_weight = torch.zeros(weight.shape, device=weight.device, dtype=torch.float32)
+        step = chunk_rows(n, vocab)
+        for s in range(0, n, step):
+            sl = slice(s, s + step)
+            x32 = (hidden[sl] @ weight.T).float()
+            z = opts.capped(x32)
+            rows[sl], lse = opts.rows_loss(z, targets[sl])
+            grad_z = opts.rows_grad(x32, z, lse, targets[sl], scale[sl])
+            del x32, z
+            grad_hidden[sl] = grad_z.to(hidden.dtype) @ weight
+            grad_weight.addmm_(grad_z.T, hidden[sl].float())
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        ctx.weight_dtype = weight.dtype
+        return reduce_rows(rows, n_valid, reduction).to(hidden.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        g = grad_output.float()
+        return (grad_hidden * g).to(grad_hidden.dtype), (grad_weight * g).to(ctx.weight_dtype), None, None, None
+
+
+@cebench.register(name="linear_chunked", family="linear", reductions=("mean", "sum"),
+                  label_smoothing=True, z_loss=True, softcap=True)
+def linear_chunked(hidden, weight, targets, *, reduction="mean", ignore_index=-100, label_smoothing=0.0,
+                   z_loss=0.0, softcap=None):
+    """Token chunks of hidden @ weight.T; loss and gradients in the forward, fp32 grad_weight."""
+    opts = Options(ignore_index, label_smoothing, z_loss, softcap)
+    return LinearChunkedCrossEntropy.apply(hidden, weight, targets, reduction, opts)
