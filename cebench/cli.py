@@ -7,6 +7,7 @@ Exit codes: 0 all good; 1 an implementation failed or disagreed with the referen
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -35,6 +36,10 @@ def _split(text: str | None) -> list[str] | None:
 
 
 def _load_impls(plugins: list[str]) -> None:
+    # Without a GPU, Triton kernels can only run in the interpreter, which must be switched
+    # on before any kernel is defined (i.e. before the implementation files are imported).
+    if not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")
     registry.load_all(plugins)
     for source, error in registry.LOAD_ERRORS.items():
         stderr_log(f"warning: plugin {source} failed to import and is skipped: {error}")

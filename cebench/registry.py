@@ -20,9 +20,9 @@ import importlib.util
 import inspect
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 FAMILIES = ("logits", "linear", "vocab_parallel", "vocab_parallel_linear")
 REDUCTIONS = ("mean", "sum", "none")

@@ -112,7 +112,7 @@ def environment(device: str, suite_name: str, suite_hash: str, argv: list[str] |
     """Provenance for env.json."""
     cuda = device.startswith("cuda") and torch.cuda.is_available()
     env = {
-        "time": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "time": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "device": device,
         "device_name": torch.cuda.get_device_name(device) if cuda else _cpu_name(),
         "cpu": _cpu_name(),

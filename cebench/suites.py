@@ -190,7 +190,7 @@ def _expand(path: Path, where: str, family: str, values: dict) -> list[Case]:
     }
     cases = []
     for combo in itertools.product(*axes.values()):
-        kwargs = dict(zip(axes, combo))
+        kwargs = dict(zip(axes, combo, strict=True))
         for key in ("ignore_frac", "label_smoothing", "z_loss"):
             kwargs[key] = float(kwargs[key])
         if kwargs["softcap"] is not None:
