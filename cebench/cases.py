@@ -32,6 +32,7 @@ class Case:
     z_loss: float = 0.0
     softcap: float | None = None
     seed: int = 0
+    world_size: int | None = None  # vocab-parallel families: ranks the vocabulary is sharded over (None: --nproc)
 
     def __post_init__(self):
         validate_case(self)
@@ -42,6 +43,8 @@ class Case:
         if self.H is not None:
             parts.append(f"H={self.H}")
         parts += [self.dtype, self.reduction]
+        if self.world_size is not None:
+            parts.append(f"world={self.world_size}")
         for key, default in (("ignore_frac", 0.0), ("label_smoothing", 0.0), ("z_loss", 0.0), ("softcap", None)):
             if getattr(self, key) != default:
                 parts.append(f"{key}={getattr(self, key)}")
@@ -84,6 +87,9 @@ def validate_case(case: Case) -> None:
         raise CaseError(f"label_smoothing must be in [0, 1], got {case.label_smoothing!r}")
     if case.z_loss < 0:
         raise CaseError(f"z_loss must be >= 0, got {case.z_loss!r}")
+    if case.world_size is not None and (not isinstance(case.world_size, int) or case.world_size <= 0
+                                        or not case.family.startswith("vocab_parallel")):
+        raise CaseError(f"world_size must be a positive integer (vocab_parallel families only), got {case.world_size!r}")
     if case.softcap is not None and case.softcap <= 0:
         raise CaseError(f"softcap must be positive or absent, got {case.softcap!r}")
 

@@ -6,7 +6,7 @@
     [timing]                   # optional, overrides cebench.measure.TimingPlan
     min_time_s = 0.1
     [[sweep]]                  # one or more grids; each is a cartesian product
-    family = "linear"          # logits | linear
+    family = "linear"          # logits | linear | vocab_parallel | vocab_parallel_linear
     batch = [1, 4]             # with seq: N = batch × seq (or give N = [...])
     seq = [1024]
     V = [50257]
@@ -15,6 +15,7 @@
     reduction = ["mean"]       # also ignore_frac, label_smoothing, z_loss, softcap lists
     modes = ["forward", "backward", "forward+backward"]
     impls = ["torch", ...]     # optional: restrict this grid to these implementations
+    world_size = [1, 2]        # vocab_parallel families: ranks to shard V over (default: --nproc)
 
 Every error names the file, the key and the form expected.
 """
@@ -50,8 +51,10 @@ _GRID_KEYS = {
     "modes": (str, f"a list of {', '.join(repr(m) for m in MODES)}"),
     "impls": (str, "a list of implementation names"),
     "seed": (int, "a list of integers"),
+    "world_size": (int, "a list of positive integers (vocab_parallel families only; default: --nproc)"),
 }
-_SCALAR_KEYS = {"family": (str, '"logits" or "linear"')}
+_FAMILIES = ("logits", "linear", "vocab_parallel", "vocab_parallel_linear")
+_SCALAR_KEYS = {"family": (str, " or ".join(f'"{f}"' for f in _FAMILIES))}
 
 
 class SuiteError(ValueError):
@@ -156,8 +159,8 @@ def _grid(path: Path, index: int, table: dict) -> Grid:
         if key not in _GRID_KEYS and key not in _SCALAR_KEYS:
             raise SuiteError(f"{path}: unknown key '{where}.{key}'; expected one of {sorted({*_GRID_KEYS, *_SCALAR_KEYS})}")
     family = table.get("family")
-    if family not in ("logits", "linear"):
-        raise SuiteError(f"{path}: key '{where}.family' must be \"logits\" or \"linear\", got {family!r}")
+    if family not in _FAMILIES:
+        raise SuiteError(f"{path}: key '{where}.family' must be {_SCALAR_KEYS['family'][1]}, got {family!r}")
     values = {k: _grid_values(path, where, k, v) for k, v in table.items() if k in _GRID_KEYS}
     if "modes" in values and any(m not in MODES for m in values["modes"]):
         raise SuiteError(f"{path}: key '{where}.modes' has {values['modes']}; expected {_GRID_KEYS['modes'][1]}")
@@ -176,10 +179,12 @@ def _token_counts(path: Path, where: str, values: dict) -> list[int]:
 
 
 def _expand(path: Path, where: str, family: str, values: dict) -> list[Case]:
-    if family == "linear" and "H" not in values:
+    if family.endswith("linear") and "H" not in values:
         raise SuiteError(f"{path}: key '{where}.H' is missing; the linear family needs a list of hidden sizes")
-    if family == "logits" and "H" in values:
-        raise SuiteError(f"{path}: key '{where}.H' is for the linear family only")
+    if not family.endswith("linear") and "H" in values:
+        raise SuiteError(f"{path}: key '{where}.H' is for the linear families only")
+    if not family.startswith("vocab_parallel") and "world_size" in values:
+        raise SuiteError(f"{path}: key '{where}.world_size' is for the vocab_parallel families only")
     if "V" not in values:
         raise SuiteError(f"{path}: key '{where}.V' is missing; expected a list of positive integers")
     axes = {
@@ -187,6 +192,7 @@ def _expand(path: Path, where: str, family: str, values: dict) -> list[Case]:
         "dtype": values.get("dtype", ["float32"]), "reduction": values.get("reduction", ["mean"]),
         "ignore_frac": values.get("ignore_frac", [0.0]), "label_smoothing": values.get("label_smoothing", [0.0]),
         "z_loss": values.get("z_loss", [0.0]), "softcap": values.get("softcap", [None]), "seed": values.get("seed", [0]),
+        "world_size": values.get("world_size", [None]),
     }
     cases = []
     for combo in itertools.product(*axes.values()):
