@@ -26,6 +26,8 @@ COLUMNS = [
     "run_id", "suite", "case", "family", "impl", "mode", "metric", "unit", "value", "p20", "p80", "n",
     "status", "reason", "trusted", "N", "V", "H", "dtype", "reduction", "ignore_frac", "label_smoothing",
     "z_loss", "softcap", "device", "mutates_inputs",
+    # vocab-parallel runs (cebench.distributed): ranks in the group, bytes communicated per call (cebench.comm)
+    "world_size", "comm_bytes",
 ]
 STATUSES = ("ok", "unsupported", "skipped", "failed", "oom", "timeout", "unavailable")
 REPO = Path(__file__).resolve().parent.parent
