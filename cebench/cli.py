@@ -1,7 +1,13 @@
 """Command line: `python -m cebench run | list | report`.
 
-Exit codes: 0 all good; 1 an implementation failed or disagreed with the reference;
-2 bad arguments, suite file or input (the message names what is wrong).
+Exit codes: 0 all good; 1 an implementation failed, crashed, ran out of memory or time,
+disagreed with the reference or broke its declaration (e.g. mutated its inputs), or for
+`conformance` a cell differs or errors: the run still finishes and keeps every other
+result; 2 bad arguments, suite file or input (the message names what is wrong), before
+any implementation runs.
+
+`run` isolates every implementation in a worker process of its own (cebench.isolate), with a
+per-case time limit (--timeout); `run --resume RUN_DIR` finishes an interrupted run.
 """
 
 from __future__ import annotations
@@ -13,13 +19,14 @@ from pathlib import Path
 
 import torch
 
-from cebench import registry, suites
+from cebench import registry, resume, suites
 from cebench.cases import CaseError
 from cebench.report import write_markdown
 from cebench.results import REPO, RunWriter, environment, new_run_id, write_env
 from cebench.runner import run_suite, stderr_log
 
 EXIT_OK, EXIT_IMPL_FAILED, EXIT_USAGE = 0, 1, 2
+DEFAULT_TIMEOUT_S = 600.0
 RESULTS_DIR = REPO / "results"
 
 
@@ -54,18 +61,52 @@ def _check_device(device: str) -> str:
     return device
 
 
+def _recorded_args(args) -> tuple[Path, dict]:
+    """--resume RUN_DIR: the run directory and the arguments it was started with (none may be given again)."""
+    given = [f"--{k.replace('_', '-')}" for k in ("suite", "impl", "device", "out", "timeout") if getattr(args, k)]
+    if given or args.plugin or args.no_isolate:
+        raise UsageError(f"--resume takes the run's arguments from its env.json; do not give {given or '--plugin'}")
+    run_dir = Path(args.resume)
+    try:
+        env = resume.run_args(run_dir)
+    except resume.ResumeError as exc:
+        raise UsageError(str(exc)) from exc
+    return run_dir, env
+
+
 def cmd_run(args) -> int:
+    env = None
+    if args.resume:
+        run_dir, env = _recorded_args(args)
+        recorded = env["run_args"]
+        args.suite, args.impl, args.plugin = recorded["suite"], recorded["impl"], recorded["plugin"]
+        args.device, args.timeout, args.no_isolate = recorded["device"], recorded["timeout"], not recorded["isolate"]
     device = _check_device(args.device or detect_device())
     suite = suites.load(args.suite or suites.DEFAULT_SUITE[device.split(":")[0]])
     _load_impls(args.plugin)
     impls = registry.select(_split(args.impl))
-    run_id = new_run_id(suite.name, device)
-    run_dir = Path(args.out or RESULTS_DIR) / run_id
+    done: set = set()
+    if env is not None:
+        if env.get("suite_hash") != suite.sha256:
+            raise UsageError(f"{suite.path} changed since run {run_dir} started; start a new run instead of resuming")
+        run_id = run_dir.name
+        done = resume.finished_cells(run_dir, [(c, m, i) for c, m, r in suite.cells() for i in impls
+                                               if i.family == c.family and (r is None or i.name in r)])
+        env.setdefault("resumed", []).append(environment(device, suite.name, suite.sha256)["time"])
+    else:
+        run_id = new_run_id(suite.name, device)
+        run_dir = Path(args.out or RESULTS_DIR) / run_id
+        env = environment(device, suite.name, suite.sha256, [sys.executable, "-m", "cebench", *sys.argv[1:]])
+        # what --resume needs to finish this run exactly as it was started
+        plugins = [str(Path(p).resolve()) if Path(p).is_file() else p for p in args.plugin]
+        env["run_args"] = {"suite": str(suite.path.resolve()), "impl": args.impl, "plugin": plugins, "device": device,
+                           "timeout": args.timeout, "isolate": not args.no_isolate}
     writer = RunWriter(run_dir)
-    write_env(run_dir, environment(device, suite.name, suite.sha256, [sys.executable, "-m", "cebench", *sys.argv[1:]]))
+    write_env(run_dir, env)
     stderr_log(f"cebench: suite {suite.name} ({suite.path}) on {device}, {len(impls)} implementation(s) -> {run_dir}")
     try:
-        outcome = run_suite(suite, impls, device, writer, run_id, log=stderr_log)
+        outcome = run_suite(suite, impls, device, writer, run_id, log=stderr_log, isolate=not args.no_isolate,
+                            plugins=args.plugin, timeout=args.timeout or None, done=done, log_dir=run_dir / "logs")
     finally:
         writer.close()
     report = write_markdown(run_dir)
@@ -109,6 +150,12 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--plugin", action="append", default=[], help="plugin .py file or module name (repeatable)")
     run.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda if available)")
     run.add_argument("--out", help="directory to create the run directory in (default: results/)")
+    run.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S,
+                     help=f"seconds one implementation may spend on one case before it is killed and recorded as "
+                          f"timeout (default {DEFAULT_TIMEOUT_S:g}; 0: no limit)")
+    run.add_argument("--no-isolate", action="store_true",
+                     help="run implementations in this process (debugging: a crash then ends the run)")
+    run.add_argument("--resume", metavar="RUN_DIR", help="finish an interrupted run, skipping its finished cells")
     run.set_defaults(func=cmd_run)
     lst = sub.add_parser("list", help="list implementations, their availability and options")
     lst.add_argument("--plugin", action="append", default=[], help="plugin .py file or module name (repeatable)")

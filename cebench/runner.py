@@ -10,24 +10,36 @@ The data flows one way: suite → cases → (implementation × case) cells → r
 Setup stays out of the timed region: each mode is a zero-argument callable built
 beforehand. Backward-mode time excludes the forward: each timed backward gets a fresh
 forward, built untimed just before it. An implementation that disagrees is reported
-loudly and every one of its timings in that case is marked untrusted.
+loudly and every one of its timings in that case is marked untrusted; so is one that
+overwrote its inputs although it declared mutates_inputs=False (checked after the
+agreement call and after every measured mode).
+
+By default (the CLI) each implementation's cells run in a worker process of its own
+(cebench.isolate): a crash, an exit or a cell past its time limit becomes failed or
+timeout rows for what was left of that cell, and the run goes on with a fresh worker.
 """
 
 from __future__ import annotations
 
 import os
 import sys
+import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
 from cebench.cases import Case, differentiable_names, make_grad_output, make_inputs
+from cebench.isolate import Worker, WorkerDied
 from cebench.measure import TimingPlan, peak_memory, time_callable
 from cebench.reference import compare, reference
 from cebench.registry import Impl
+from cebench.validate import check_inputs
 
 MiB = float(1 << 20)
+MUTATION_LIE = "mutated its inputs although declared mutates_inputs=False"
+NOT_RUN = "not run: the worker ended"  # rows a dead worker left undone (the problem is reported once)
 
 
 @dataclass
@@ -148,9 +160,14 @@ class CellRunner:
             rows.append(self.row("check", f"rel_err[{a.quantity}]", unit="rel", value=a.rel_err))
         ok = all(a.ok for a in agreements)
         worst = max(agreements, key=lambda a: a.rel_err / a.tolerance)
-        rows.append(self.row("check", "agreement", "ok" if ok else "failed", unit="bool", value=float(ok),
-                             reason=("agrees: " if ok else "DISAGREES with float64 reference: ") + worst.describe()))
-        mutated = [n for n in self.pristine if not torch.equal(inputs[n].detach(), self.pristine[n])]
+        reason = ("agrees: " if ok else "DISAGREES with float64 reference: ") + worst.describe()
+        mutated = mutated_inputs(inputs, self.pristine)
+        lied = bool(mutated) and not self.impl.mutates_inputs
+        if lied:  # its timing loops reuse inputs it has overwritten: they measure something else
+            self.trusted = False
+            reason = f"{MUTATION_LIE} (mutated: {', '.join(mutated)}); {reason}"
+        rows.append(self.row("check", "agreement", "ok" if ok and not lied else "failed", unit="bool",
+                             value=float(ok and not lied), reason=reason))
         rows.append(self.row("check", "mutates_input", unit="bool", value=float(bool(mutated)),
                              reason=("mutated: " + ", ".join(mutated)) if mutated else ""))
         return rows, True
@@ -173,17 +190,39 @@ class CellRunner:
                 torch.cuda.empty_cache()
         key = {"impl": self.impl.name, "case": self.case.id, "mode": mode}
         self.on_samples(key, timing.samples_ms)
-        yield self.row(mode, "time", unit="ms", value=timing.median, p20=timing.quantile(0.2),
-                       p80=timing.quantile(0.8), n=len(timing.samples_ms), reason=note)
+        mutated = [] if self.impl.mutates_inputs else mutated_inputs(inputs, self.pristine)
+        if mutated:  # checked after every measured mode, not only in the agreement call
+            self.trusted = False
+            yield self.row(mode, "mutates_input", "failed", unit="bool", value=1.0,
+                           reason=f"{MUTATION_LIE} (mutated: {', '.join(mutated)} while timing {mode})")
         yield self.row(mode, "peak_memory", unit="MiB", value=memory.peak_bytes / MiB,
                        reason="above the inputs" + (f"; {note}" if note else ""))
         yield self.row(mode, "total_memory", unit="MiB", value=memory.total_bytes / MiB, reason="inputs + peak")
+        # the time row comes last: its presence marks the mode finished (see --resume)
+        yield self.row(mode, "time", unit="ms", value=timing.median, p20=timing.quantile(0.2),
+                       p80=timing.quantile(0.8), n=len(timing.samples_ms), reason=note)
 
 
 def _failure_status(exc: BaseException) -> str:
-    if isinstance(exc, torch.OutOfMemoryError) or "can't allocate memory" in str(exc):
+    if isinstance(exc, (torch.OutOfMemoryError, MemoryError)) or "can't allocate memory" in str(exc):
         return "oom"
     return "failed"
+
+
+def mutated_inputs(inputs: dict[str, torch.Tensor], pristine: dict[str, torch.Tensor]) -> list[str]:
+    """Names of the inputs whose values differ from the pristine copy (NaN equals NaN)."""
+    changed = []
+    for name, original in pristine.items():
+        now = inputs[name].detach()
+        if now.shape != original.shape:
+            same = False
+        elif now.is_floating_point():
+            same = torch.equal(now, original) or bool(((now == original) | (now.isnan() & original.isnan())).all())
+        else:
+            same = torch.equal(now, original)
+        if not same:
+            changed.append(name)
+    return changed
 
 
 def _describe(exc: BaseException) -> str:
@@ -191,24 +230,121 @@ def _describe(exc: BaseException) -> str:
     return text[:500]
 
 
-def run_suite(suite, impls: list[Impl], device: str, writer, run_id: str, log=print) -> Outcome:
-    """Run every cell of `suite` for `impls`, writing rows as they are measured."""
+def run_suite(suite, impls: list[Impl], device: str, writer, run_id: str, log=print, *, isolate: bool = False,
+              plugins: list[str] = (), timeout: float | None = None, done: set[tuple[str, str]] = frozenset(),
+              log_dir=None) -> Outcome:
+    """Run every cell of `suite` for `impls`, writing rows as they are measured.
+
+    isolate: each implementation runs in a worker process of its own (cebench.isolate),
+    implementation by implementation; a crash or a cell past `timeout` seconds becomes
+    failed/timeout rows and the run goes on. Without it everything runs in this process,
+    case by case (for debugging; the CLI isolates by default). `done` holds the
+    (impl, case id) cells already finished by an earlier, interrupted run: they are skipped.
+    """
     outcome = Outcome()
-    cells = list(suite.cells())
-    for index, (case, modes, restrict) in enumerate(cells, 1):
-        chosen = [i for i in impls if i.family == case.family and (restrict is None or i.name in restrict)]
-        log(f"[{index}/{len(cells)}] {case.id}: {len(chosen)} implementation(s)")
-        pristine = make_inputs(case, device)
-        grad_output = make_grad_output(case, device)
-        ref = reference(case, pristine, grad_output)
-        for impl in chosen:
-            outcome.cells += 1
-            runner = CellRunner(impl, case, modes, device, suite.timing, pristine, ref, grad_output, writer.write_samples)
-            for row in runner.rows():
-                writer.write_row({"run_id": run_id, "suite": suite.name, **row})
-                _note(outcome, row, log)
-        del pristine, ref
+    cells = [(case, modes, impl) for case, modes, restrict in suite.cells() for impl in impls
+             if impl.family == case.family and (restrict is None or impl.name in restrict)]
+    todo = [c for c in cells if (c[2].name, c[0].id) not in done]
+    if len(todo) < len(cells):
+        log(f"resuming: {len(cells) - len(todo)} of {len(cells)} cell(s) already finished")
+
+    def emit(row: dict) -> None:
+        writer.write_row({"run_id": run_id, "suite": suite.name, **row})
+        _note(outcome, row, log)
+
+    if isolate:
+        _run_isolated(todo, suite.timing, device, writer, emit, log, plugins, timeout, log_dir)
+    else:
+        _run_inline(todo, suite.timing, device, writer, emit, log)
+    outcome.cells += len(todo)
     return outcome
+
+
+def _run_inline(todo, plan, device, writer, emit, log) -> None:
+    by_case: dict[str, list] = {}
+    for case, modes, impl in todo:
+        by_case.setdefault(case.id, []).append((case, modes, impl))
+    for index, group in enumerate(by_case.values(), 1):
+        case = group[0][0]
+        log(f"[{index}/{len(by_case)}] {case.id}: {len(group)} implementation(s)")
+        pristine, ref, grad_output = case_data(case, device)
+        for _, modes, impl in group:
+            runner = CellRunner(impl, case, modes, device, plan, pristine, ref, grad_output, writer.write_samples)
+            for row in runner.rows():
+                emit(row)
+        del pristine, ref
+
+
+def case_data(case: Case, device: str):
+    """Pristine inputs (validated before any implementation sees them), float64 reference, upstream gradient."""
+    pristine = make_inputs(case, device)
+    check_inputs(case, pristine)
+    grad_output = make_grad_output(case, device)
+    return pristine, reference(case, pristine, grad_output), grad_output
+
+
+def cell_task(impl: Impl, case: Case, modes, device: str, plan: TimingPlan) -> Iterator[tuple]:
+    """Inside a worker: one cell's rows and samples, as messages for the parent."""
+    samples = []
+    pristine, ref, grad_output = case_data(case, device)
+    runner = CellRunner(impl, case, modes, device, plan, pristine, ref, grad_output,
+                        lambda key, s: samples.append((key, s)))
+    for row in runner.rows():
+        while samples:
+            yield ("samples", *samples.pop(0))
+        yield ("row", row)
+
+
+def _run_isolated(todo, plan, device, writer, emit, log, plugins, timeout, log_dir) -> None:
+    log_dir = Path(log_dir) if log_dir else Path(tempfile.mkdtemp(prefix="cebench-logs-"))
+    order = {impl.name: i for i, (_, _, impl) in enumerate(todo)}
+    todo = sorted(todo, key=lambda c: order[c[2].name])  # stable: implementation by implementation
+    worker, index = None, 0
+    for case, modes, impl in todo:
+        index += 1
+        if worker is None or worker.impl_name != impl.name:
+            if worker is not None:
+                worker.stop()
+            worker = Worker(impl.name, impl.source, list(plugins), device, log_dir / f"{_safe(impl.name)}.log")
+        log(f"[{index}/{len(todo)}] {impl.name} on {case.id}")
+        seen: set[tuple[str, str]] = set()
+        task = ("cebench.runner", "cell_task", {"case": case, "modes": modes, "device": device, "plan": plan})
+        try:
+            for message in worker.run(task, timeout):
+                if message[0] == "row":
+                    seen.add((message[1]["mode"], message[1]["metric"]))
+                    emit(message[1])
+                elif message[0] == "samples":
+                    writer.write_samples(message[1], message[2])
+                elif message[0] == "error":
+                    _finish_cell(impl, case, modes, device, plan, seen, "failed", "harness error: " + message[1], emit)
+                elif message[0] == "poisoned":
+                    log(f"  worker for {impl.name} restarted: CUDA context unusable after {message[1]}")
+        except WorkerDied as death:
+            _finish_cell(impl, case, modes, device, plan, seen, death.status, death.reason, emit)
+    if worker is not None:
+        worker.stop()
+
+
+def _finish_cell(impl, case, modes, device, plan, seen, status, reason, emit) -> None:
+    """Rows for what a dead worker never reported: the check and every mode without a time row."""
+    stub = CellRunner(impl, case, modes, device, plan, None, None, None, None)
+    stub.trusted = False
+    in_flight = None
+    if ("check", "agreement") not in seen:
+        in_flight = "the agreement check"
+        emit(stub.row("check", "agreement", status, unit="bool", reason=f"{reason} (during {in_flight})"))
+    for mode in modes:
+        if (mode, "time") not in seen:
+            if in_flight:
+                emit(stub.row(mode, "time", status, unit="ms", reason=f"{NOT_RUN} during {in_flight}: {reason}"))
+            else:
+                in_flight = mode
+                emit(stub.row(mode, "time", status, unit="ms", reason=f"{reason} (during {mode})"))
+
+
+def _safe(name: str) -> str:
+    return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name)
 
 
 def _note(outcome: Outcome, row: dict, log) -> None:
@@ -217,7 +353,7 @@ def _note(outcome: Outcome, row: dict, log) -> None:
         target = outcome.failed if "DISAGREES" not in row.get("reason", "") else outcome.disagreed
         target.append(f"{label}: {row['reason']}")
         log(f"  !! {label}: {row['reason']}")
-    elif row["status"] in ("failed", "oom", "timeout"):
+    elif row["status"] in ("failed", "oom", "timeout") and not str(row.get("reason", "")).startswith(NOT_RUN):
         outcome.failed.append(f"{label} [{row['mode']}]: {row['status']}: {row.get('reason', '')}")
         log(f"  !! {label} [{row['mode']}]: {row['status']}: {row.get('reason', '')}")
     elif row["metric"] == "time" and row["status"] == "ok":
