@@ -1,4 +1,4 @@
-"""Command line: `python -m cebench run | list | report`.
+"""Command line: `python -m cebench run | list | report | compare`.
 
 Exit codes: 0 all good; 1 an implementation failed, crashed, ran out of memory or time,
 disagreed with the reference or broke its declaration (e.g. mutated its inputs), or for
@@ -21,7 +21,10 @@ import torch
 
 from cebench import registry, resume, suites
 from cebench.cases import CaseError
-from cebench.report import write_markdown
+from cebench.compare import compare as compare_runs
+from cebench.compare import markdown as compare_markdown
+from cebench.probe import run_probe
+from cebench.report import write_reports
 from cebench.results import REPO, RunWriter, environment, new_run_id, write_env
 from cebench.runner import run_suite, stderr_log
 
@@ -97,6 +100,7 @@ def cmd_run(args) -> int:
         run_id = new_run_id(suite.name, device)
         run_dir = Path(args.out or RESULTS_DIR) / run_id
         env = environment(device, suite.name, suite.sha256, [sys.executable, "-m", "cebench", *sys.argv[1:]])
+        env.update(run_probe(device) or {})  # the report's rooflines; nothing on the CPU
         # what --resume needs to finish this run exactly as it was started
         plugins = [str(Path(p).resolve()) if Path(p).is_file() else p for p in args.plugin]
         env["run_args"] = {"suite": str(suite.path.resolve()), "impl": args.impl, "plugin": plugins, "device": device,
@@ -109,8 +113,9 @@ def cmd_run(args) -> int:
                             plugins=args.plugin, timeout=args.timeout or None, done=done, log_dir=run_dir / "logs")
     finally:
         writer.close()
-    report = write_markdown(run_dir)
-    stderr_log(f"cebench: results {run_dir / 'results.csv'}; report {report}")
+    if not args.no_report:
+        reports = write_reports(run_dir, args.reports_dir)
+        stderr_log(f"cebench: results {run_dir / 'results.csv'}; report {reports['html']} (and report.md)")
     for problem in outcome.disagreed + outcome.failed:
         stderr_log(f"cebench: PROBLEM: {problem}")
     print(run_dir)
@@ -137,7 +142,22 @@ def cmd_report(args) -> int:
     run_dir = Path(args.run_dir)
     if not (run_dir / "results.csv").is_file():
         raise UsageError(f"{run_dir}: not a run directory (no results.csv)")
-    print(write_markdown(run_dir))
+    for path in write_reports(run_dir, args.reports_dir).values():
+        print(path)
+    return EXIT_OK
+
+
+def cmd_compare(args) -> int:
+    for run_dir in (args.run_a, args.run_b):
+        if not (Path(run_dir) / "results.csv").is_file():
+            raise UsageError(f"{run_dir}: not a run directory (no results.csv)")
+    result = compare_runs(args.run_a, args.run_b)
+    text = compare_markdown(result, args.fail_on_regression)
+    if args.out:
+        Path(args.out).write_text(text)
+    print(text, end="")
+    if args.fail_on_regression is not None and len(result.regressions(args.fail_on_regression)):
+        return EXIT_IMPL_FAILED
     return EXIT_OK
 
 
@@ -156,13 +176,23 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--no-isolate", action="store_true",
                      help="run implementations in this process (debugging: a crash then ends the run)")
     run.add_argument("--resume", metavar="RUN_DIR", help="finish an interrupted run, skipping its finished cells")
+    run.add_argument("--reports-dir", help="where reports go (default: reports/ for runs in results/, else beside the run)")
+    run.add_argument("--no-report", action="store_true", help="write results only, no report")
     run.set_defaults(func=cmd_run)
     lst = sub.add_parser("list", help="list implementations, their availability and options")
     lst.add_argument("--plugin", action="append", default=[], help="plugin .py file or module name (repeatable)")
     lst.set_defaults(func=cmd_list)
-    rep = sub.add_parser("report", help="write the Markdown report of a run directory")
+    rep = sub.add_parser("report", help="write the Markdown and HTML reports of a run directory, and the index")
     rep.add_argument("run_dir")
+    rep.add_argument("--reports-dir", help="where reports go (default: reports/ for runs in results/, else beside the run)")
     rep.set_defaults(func=cmd_report)
+    cmp = sub.add_parser("compare", help="compare two runs case by case (Markdown on stdout)")
+    cmp.add_argument("run_a", help="baseline run directory")
+    cmp.add_argument("run_b", help="candidate run directory")
+    cmp.add_argument("--fail-on-regression", type=float, metavar="PCT",
+                     help="exit 1 if any case is significantly slower in RUN_B by more than PCT percent")
+    cmp.add_argument("--out", help="also write the Markdown to this file")
+    cmp.set_defaults(func=cmd_compare)
     return p
 
 
