@@ -56,11 +56,30 @@ if triton is not None:
         return cap * tl.where(y < 0, -t, t)
 
     @triton.jit
+    def _load_f32(ptrs, mask, BF16_BITS: tl.constexpr):
+        # BF16_BITS (interpreter only): the buffer is bf16 viewed as int16; widening the bits
+        # by hand is exact and far cheaper than the interpreter's generic float conversion
+        if BF16_BITS:
+            bits = tl.load(ptrs, mask=mask, other=0).to(tl.uint16, bitcast=True)
+            return (bits.to(tl.uint32) << 16).to(tl.float32, bitcast=True)
+        else:
+            return tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+
+    @triton.jit
+    def _store_f32(ptrs, value, mask, BF16_BITS: tl.constexpr):
+        if BF16_BITS:  # fp32 -> bf16 bits, rounding to nearest even (NaN stays NaN)
+            bits = value.to(tl.uint32, bitcast=True)
+            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+            tl.store(ptrs, bits.to(tl.uint16).to(tl.int16, bitcast=True), mask=mask)
+        else:
+            tl.store(ptrs, value.to(ptrs.dtype.element_ty), mask=mask)
+
+    @triton.jit
     def _fused_ce_kernel(
         x_ptr, x_stride, grad_ptr, grad_stride, targets_ptr, loss_ptr, zloss_ptr, n_valid_ptr,
         n_rows, n_cols, ignore_index, eps, lam, cap,
         MEAN: tl.constexpr, HAS_SMOOTHING: tl.constexpr, HAS_ZLOSS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-        BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BF16_BITS: tl.constexpr,
     ):
         # 1. This program's rows. Rows past the end are clamped onto the last row for loads
         #    (so every row has finite logits and the online max never sees only -inf) and
@@ -74,7 +93,7 @@ if triton is not None:
         safe_t = tl.where(valid, targets, 0)
 
         # 2. The target's (capped) logit, read once directly rather than searched for.
-        z_t = tl.load(x_rows + safe_t).to(tl.float32)
+        z_t = _load_f32(x_rows + safe_t, row_ok, BF16_BITS)
         if HAS_SOFTCAP:
             z_t = _softcap(z_t, cap)
 
@@ -86,7 +105,7 @@ if triton is not None:
         for start in range(0, n_cols, BLOCK_V):
             cols = start + tl.arange(0, BLOCK_V)
             col_ok = cols < n_cols
-            x = tl.load(x_rows[:, None] + cols[None, :], mask=col_ok[None, :], other=0.0).to(tl.float32)
+            x = _load_f32(x_rows[:, None] + cols[None, :], col_ok[None, :], BF16_BITS)
             z = x
             if HAS_SOFTCAP:
                 z = _softcap(x, cap)
@@ -111,7 +130,7 @@ if triton is not None:
         # 5. The factor every gradient element of a row is multiplied by, for an upstream
         #    gradient of 1: 1/n_valid for mean (read from the device), 1 otherwise, 0 if ignored.
         if MEAN:
-            scale = 1.0 / tl.load(n_valid_ptr).to(tl.float32)
+            scale = 1.0 / tl.maximum(tl.load(n_valid_ptr), 1).to(tl.float32)  # 0/0 rows are masked below
         else:
             scale = 1.0
         scale = tl.where(valid, scale, 0.0)
@@ -127,7 +146,7 @@ if triton is not None:
             cols = start + tl.arange(0, BLOCK_V)
             col_ok = cols < n_cols
             mask = row_ok[:, None] & col_ok[None, :]
-            x = tl.load(x_rows[:, None] + cols[None, :], mask=col_ok[None, :], other=0.0).to(tl.float32)
+            x = _load_f32(x_rows[:, None] + cols[None, :], col_ok[None, :], BF16_BITS)
             z = x
             if HAS_SOFTCAP:
                 z = _softcap(x, cap)
@@ -137,7 +156,7 @@ if triton is not None:
             g = tl.where(cols[None, :] == safe_t[:, None], g - (1.0 - eps) * scale[:, None], g)
             if HAS_SOFTCAP:
                 g *= 1.0 - (z / cap) * (z / cap)
-            tl.store(g_rows[:, None] + cols[None, :], g.to(grad_ptr.dtype.element_ty), mask=mask)
+            _store_f32(g_rows[:, None] + cols[None, :], g, mask, BF16_BITS)
 
 
 def launch_config(n_rows: int, n_cols: int, device: torch.device) -> tuple[int, int, int]:
@@ -165,11 +184,15 @@ def fused_ce_rows(x, targets, grad_out, n_valid, *, reduction, ignore_index, lab
     row_z = torch.empty_like(row_loss)
     block_n, block_v, num_warps = launch_config(n_rows, n_cols, x.device)
     grid = (triton.cdiv(n_rows, block_n),)
+    bf16_bits = x.device.type == "cpu" and x.dtype == grad_out.dtype == torch.bfloat16
+    if bf16_bits:  # interpreter: hand the kernel the raw bits (same storage, so in place still holds)
+        x, grad_out = x.view(torch.int16), grad_out.view(torch.int16)
     _fused_ce_kernel[grid](
         x, x.stride(0), grad_out, grad_out.stride(0), targets, row_loss, row_z, n_valid,
         n_rows, n_cols, ignore_index, float(label_smoothing), float(z_loss), float(softcap or 1.0),
         MEAN=reduction == "mean", HAS_SMOOTHING=bool(label_smoothing), HAS_ZLOSS=bool(z_loss),
-        HAS_SOFTCAP=softcap is not None, BLOCK_N=block_n, BLOCK_V=block_v, num_warps=num_warps,
+        HAS_SOFTCAP=softcap is not None, BLOCK_N=block_n, BLOCK_V=block_v, BF16_BITS=bf16_bits,
+        num_warps=num_warps,
     )
     return row_loss, row_z
 

@@ -1,0 +1,206 @@
+"""Our Triton kernels (triton_fused, triton_fused_linear) against the float64 reference.
+
+On a CPU-only machine they run in the Triton interpreter (conftest.py switches it on before
+the kernels are defined), so shapes stay small. Covered: every declared option (reduction,
+ignore_index, label smoothing, z-loss, softcap), fp32 and bf16, V not a power of two, V
+below one block, V = 1, V = 50257, N = 1, all rows ignored, the in-place contract (the
+logits buffer really becomes the gradient; inplace=False leaves it alone), the separate
+z-loss term, and the linear version's chunking over several chunks.
+"""
+
+import math
+import sys
+
+import pytest
+import torch
+
+from cebench.cases import IGNORE_INDEX, Case, make_grad_output, make_inputs
+from cebench.reference import compare, reference
+from cebench.runner import call, fresh_inputs
+
+pytest.importorskip("triton")
+
+
+@pytest.fixture(scope="module")
+def fused(impls):
+    return sys.modules["cebench_plugin_triton_fused"]
+
+
+@pytest.fixture(scope="module")
+def fused_linear(impls):
+    return sys.modules["cebench_plugin_triton_fused_linear"]
+
+
+def _grads(case, inputs):
+    names = ("hidden", "weight") if case.family == "linear" else ("logits",)
+    return {n: inputs[n].grad for n in names}
+
+
+def assert_agrees(impl, case):
+    assert impl.unavailable_reason() is None
+    assert impl.unsupported_reason(case, "cpu") is None
+    pristine = make_inputs(case, "cpu")
+    grad_output = make_grad_output(case, "cpu")
+    ref = reference(case, pristine, grad_output)
+    inputs = fresh_inputs(pristine, case)
+    loss = call(impl, case, inputs)
+    assert loss.dtype == case.torch_dtype
+    loss.backward(grad_output.to(loss.dtype))
+    bad = [a.describe() for a in compare({"loss": loss.detach(), **_grads(case, inputs)}, ref, case.dtype) if not a.ok]
+    assert not bad, f"{impl.name} on {case.id}: {bad}"
+
+
+OPTIONS = [
+    {"label_smoothing": 0.1},
+    {"z_loss": 1e-2},
+    {"softcap": 5.0},
+    {"label_smoothing": 0.2, "z_loss": 1e-2, "softcap": 3.0, "ignore_frac": 0.3},
+]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("ignore_frac", [0.0, 0.3])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_logits_reductions(impls, reduction, ignore_frac, dtype):
+    assert_agrees(impls["triton_fused"], Case("logits", N=37, V=1031, dtype=dtype, reduction=reduction,
+                                              ignore_frac=ignore_frac))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("options", OPTIONS, ids=lambda o: ",".join(o))
+def test_logits_options(impls, options, reduction, dtype):
+    assert_agrees(impls["triton_fused"], Case("logits", N=19, V=777, dtype=dtype, reduction=reduction, **options))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("N,V", [(4, 50257), (9, 7), (6, 1), (1, 4099), (1, 1), (300, 13)])
+def test_logits_shapes(impls, N, V, dtype):
+    assert_agrees(impls["triton_fused"], Case("logits", N=N, V=V, dtype=dtype, reduction="mean", ignore_frac=0.3,
+                                              label_smoothing=0.1, z_loss=1e-3, softcap=4.0))
+
+
+def test_all_rows_ignored_gives_nan_loss_and_zero_grad(fused):
+    logits = torch.randn(5, 300, requires_grad=True)
+    targets = torch.full((5,), IGNORE_INDEX)
+    loss = fused.triton_fused(logits, targets)
+    assert math.isnan(loss.item()) and math.isnan(torch.nn.functional.cross_entropy(logits, targets).item())
+    loss.backward()
+    assert torch.count_nonzero(logits.grad) == 0
+    assert fused.triton_fused(torch.randn(5, 300), targets, reduction="sum").item() == 0.0
+
+
+def test_inplace_overwrites_logits_with_their_gradient(fused):
+    case = Case("logits", N=8, V=333, reduction="sum", ignore_frac=0.3, label_smoothing=0.1)
+    pristine = make_inputs(case, "cpu")
+    ones = torch.ones(())
+    logits = pristine["logits"].clone().requires_grad_()
+    loss = fused.triton_fused(logits, pristine["targets"], reduction="sum", label_smoothing=0.1)
+    # after the forward alone the buffer holds dLoss/dlogits for an upstream gradient of 1
+    expected = reference(case, pristine, ones)["logits"]
+    assert not torch.equal(logits.detach(), pristine["logits"])
+    assert torch.allclose(logits.detach().double(), expected, atol=1e-6)
+    loss.backward(torch.tensor(2.0))
+    assert torch.allclose(logits.grad.double(), 2 * expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_fresh_buffer_matches_inplace_and_leaves_logits_alone(fused, reduction):
+    pristine = torch.randn(11, 513) * 2
+    targets = torch.randint(0, 513, (11,))
+    targets[3] = IGNORE_INDEX
+    grad_out = torch.rand(11) + 0.5 if reduction == "none" else torch.tensor(0.7)
+    results = {}
+    for inplace in (True, False):
+        logits = pristine.clone().requires_grad_()
+        loss = fused.triton_fused_ce(logits, targets, reduction=reduction, z_loss=1e-2, inplace=inplace)
+        assert torch.equal(logits.detach(), pristine) != inplace
+        loss.backward(grad_out)
+        results[inplace] = (loss.detach(), logits.grad)
+    assert torch.equal(results[True][0], results[False][0])
+    assert torch.equal(results[True][1], results[False][1])
+
+
+def _z_term_reference(logits, targets, z_loss, softcap, reduction):
+    z = logits.double()
+    z = softcap * torch.tanh(z / softcap) if softcap else z
+    term = torch.where(targets != IGNORE_INDEX, z_loss * torch.logsumexp(z, dim=-1) ** 2, 0.0)
+    n_valid = (targets != IGNORE_INDEX).sum()
+    return {"none": term, "sum": term.sum(), "mean": term.sum() / n_valid}[reduction]
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_return_z_loss(fused, reduction):
+    case = Case("logits", N=13, V=1000, reduction=reduction, ignore_frac=0.3, z_loss=1e-2, softcap=6.0)
+    pristine = make_inputs(case, "cpu")
+    ref = reference(case, pristine, make_grad_output(case, "cpu"))
+    loss, z_term = fused.triton_fused_ce(pristine["logits"].clone(), pristine["targets"], reduction=reduction,
+                                         z_loss=1e-2, softcap=6.0, return_z_loss=True)
+    expected = _z_term_reference(pristine["logits"], pristine["targets"], 1e-2, 6.0, reduction)
+    assert torch.allclose(z_term.double(), expected, rtol=1e-5)
+    assert torch.allclose(loss.double(), ref["loss"], rtol=1e-5)  # the loss still includes the z-loss
+    assert not z_term.requires_grad
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("ignore_frac", [0.0, 0.3])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_linear_reductions(impls, reduction, ignore_frac, dtype):
+    assert_agrees(impls["triton_fused_linear"], Case("linear", N=33, V=1031, H=32, dtype=dtype, reduction=reduction,
+                                                     ignore_frac=ignore_frac))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("options", OPTIONS, ids=lambda o: ",".join(o))
+def test_linear_options(impls, options, dtype):
+    assert_agrees(impls["triton_fused_linear"], Case("linear", N=17, V=777, H=24, dtype=dtype, **options))
+
+
+@pytest.mark.parametrize("N,V", [(4, 50257), (9, 7), (6, 1), (1, 513)])
+def test_linear_shapes(impls, N, V):
+    assert_agrees(impls["triton_fused_linear"], Case("linear", N=N, V=V, H=16, reduction="sum", ignore_frac=0.3,
+                                                     label_smoothing=0.1, z_loss=1e-3, softcap=4.0))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_linear_over_several_chunks(impls, fused_linear, monkeypatch, dtype):
+    monkeypatch.setattr(fused_linear, "CHUNK_BYTES", 200 * 4 * 2)  # 2-4 rows of V=200 per chunk
+    assert fused_linear.chunk_rows(50, 200, 4) == 2
+    assert_agrees(impls["triton_fused_linear"], Case("linear", N=50, V=200, H=16, dtype=dtype, ignore_frac=0.3,
+                                                     label_smoothing=0.1, z_loss=1e-2, softcap=5.0))
+
+
+def test_linear_chunk_rows_follow_the_budget(fused_linear):
+    rows = fused_linear.chunk_rows(1 << 20, 128256, 2)
+    assert rows % fused_linear.ROW_ALIGN == 0 and rows * 128256 * 2 <= fused_linear.CHUNK_BYTES
+    assert fused_linear.chunk_rows(10, 128256, 2) == 10
+    assert fused_linear.chunk_rows(10, 1 << 30, 4) == 1
+
+
+def test_linear_return_z_loss_and_rejects_none(fused_linear):
+    hidden, weight = torch.randn(9, 16), torch.randn(300, 16) / 2
+    targets = torch.randint(0, 300, (9,))
+    loss, z_term = fused_linear.triton_fused_linear_ce(hidden, weight, targets, z_loss=1e-2, return_z_loss=True)
+    expected = _z_term_reference(hidden @ weight.T, targets, 1e-2, None, "mean")
+    assert torch.allclose(z_term.double(), expected, rtol=1e-5)
+    with pytest.raises(ValueError, match="reduction"):
+        fused_linear.triton_fused_linear_ce(hidden, weight, targets, reduction="none")
+
+
+def test_declarations(impls):
+    logits, linear = impls["triton_fused"], impls["triton_fused_linear"]
+    assert logits.family == "logits" and logits.mutates_inputs and logits.uses_triton
+    assert logits.reductions == ("mean", "sum", "none")
+    assert linear.family == "linear" and not linear.mutates_inputs and linear.uses_triton
+    assert linear.reductions == ("mean", "sum")
+    for impl in (logits, linear):
+        assert impl.label_smoothing and impl.z_loss and impl.softcap and impl.ignore_index
+
+
+def test_unavailable_on_cpu_without_the_interpreter(impls, fused, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    for name in ("triton_fused", "triton_fused_linear"):
+        assert "TRITON_INTERPRET=1" in impls[name].unavailable_reason()
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert impls["triton_fused"].unavailable_reason() is None
