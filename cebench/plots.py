@@ -135,7 +135,7 @@ def _floor_line(metric: str):
         for _, group in sub.groupby(split, sort=True) if split else [(None, sub)]:
             first = group.drop_duplicates(x).sort_values(x)
             floors = [memory_model.floor_for_row(r).extra_mib for r in first.to_dict("records")]
-            ax.plot(first[x], floors, linestyle="--", color="black", linewidth=1,
+            ax.plot(first[x], floors, linestyle="--", marker="_", ms=12, color="black", linewidth=1,
                     label="floor (memory model)")
     return decorate
 

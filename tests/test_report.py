@@ -1,0 +1,203 @@
+"""Reports from a small synthetic run: verdicts, status cells, self-contained HTML, Markdown tables, index.
+
+The run is written row by row with the real RunWriter, so the reports read exactly what a real
+run would leave; it is small and made up so that every outcome (a faster but untrusted
+implementation, unsupported, oom, a disagreement) is present and the expected verdict is known.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from cebench import memory_model, probe, report_data
+from cebench.report import default_reports_dir, write_reports
+from cebench.results import RunWriter, write_env
+
+MODES = ("forward", "backward", "forward+backward")
+N = 64
+
+
+def case_id(family: str, V: int, H: int | None = None, dtype: str = "float32") -> str:
+    return f"{family} N={N} V={V}" + (f" H={H}" if H else "") + f" {dtype} mean"
+
+
+def _row(run_id, family, V, H, impl, mode, metric, value=None, status="ok", trusted=True, reason="", **extra):
+    return {"run_id": run_id, "suite": "synthetic", "case": case_id(family, V, H), "family": family, "impl": impl,
+            "mode": mode, "metric": metric, "value": value, "status": status, "reason": reason,
+            "trusted": trusted and status == "ok", "N": N, "V": V, "H": H, "dtype": "float32", "reduction": "mean",
+            "ignore_frac": 0.0, "label_smoothing": 0.0, "z_loss": 0.0, "device": "cpu", "mutates_inputs": False,
+            **extra}
+
+
+def write_run(parent: Path, run_id: str, cells: dict, env_extra: dict | None = None) -> Path:
+    """cells: (family, V, H, impl) -> {"ms": base ms, "mib": MiB, "trusted": bool, "status": str, "reason": str,
+    "samples": list | None, "agrees": bool}. Every ok cell gets check rows and time/memory rows per mode."""
+    run_dir = parent / run_id
+    writer = RunWriter(run_dir)
+    for (family, V, H, impl), spec in cells.items():
+        status, reason = spec.get("status", "ok"), spec.get("reason", "")
+        if status in ("unsupported", "skipped"):
+            writer.write_row(_row(run_id, family, V, H, impl, "check", "agreement", status=status, reason=reason))
+            for mode in MODES:
+                writer.write_row(_row(run_id, family, V, H, impl, mode, "time", status=status, reason=reason))
+            continue
+        agrees, trusted = spec.get("agrees", True), spec.get("trusted", True) and spec.get("agrees", True)
+        writer.write_row(_row(run_id, family, V, H, impl, "check", "rel_err[loss]", 1e-7 if agrees else 0.5))
+        writer.write_row(_row(run_id, family, V, H, impl, "check", "max_abs_err[loss]", 1e-6 if agrees else 2.0))
+        verdict = "agrees: loss ok" if agrees else "DISAGREES with float64 reference: loss: rel 0.5 > tol 1e-05"
+        writer.write_row(_row(run_id, family, V, H, impl, "check", "agreement", float(agrees),
+                              status="ok" if agrees else "failed", reason=verdict))
+        writer.write_row(_row(run_id, family, V, H, impl, "check", "mutates_input", 0.0))
+        for k, mode in enumerate(MODES):
+            if mode == spec.get("oom_mode"):
+                writer.write_row(_row(run_id, family, V, H, impl, mode, "time", status="oom",
+                                      reason="OutOfMemoryError: CUDA out of memory (synthetic)"))
+                continue
+            samples = spec.get("samples") or [spec["ms"] * (k + 1) * f for f in (0.98, 0.99, 1.0, 1.01, 1.02)]
+            samples = sorted(samples)
+            note = "" if spec.get("trusted", True) else "Triton interpreter on CPU: timing not meaningful"
+            writer.write_row(_row(run_id, family, V, H, impl, mode, "time", sorted(samples)[len(samples) // 2],
+                                  trusted=trusted, reason=note, p20=samples[0], p80=samples[-1], n=len(samples), unit="ms"))
+            writer.write_row(_row(run_id, family, V, H, impl, mode, "peak_memory", spec["mib"] * (k + 1), trusted=trusted))
+            writer.write_samples({"impl": impl, "case": case_id(family, V, H), "mode": mode}, samples)
+    writer.close()
+    env = {"time": "2026-01-02T03:04:05+00:00", "device": "cpu", "device_name": "Test CPU", "torch": "2.13.0",
+           "git_commit": "abc123", "suite": "synthetic", "argv": ["python", "-m", "cebench", "run"], **(env_extra or {})}
+    write_env(run_dir, env)
+    return run_dir
+
+
+def standard_cells() -> dict:
+    cells = {}
+    for V in (1024, 4096):
+        cells[("logits", V, None, "torch")] = {"ms": 2.0 * V / 1024, "mib": 1.0 * V / 1024}
+        cells[("logits", V, None, "lean")] = {"ms": 3.0 * V / 1024, "mib": 0.25 * V / 1024}
+        cells[("logits", V, None, "interp")] = {"ms": 0.1, "mib": 0.01, "trusted": False}  # fastest, never a winner
+        cells[("logits", V, None, "wrong")] = {"ms": 0.05, "mib": 0.005, "agrees": False}
+        cells[("logits", V, None, "gpu_only")] = {"status": "unsupported", "reason": "needs a CUDA device | sm_80"}
+        cells[("logits", V, None, "greedy")] = {"ms": 1.0 * V / 1024, "mib": 4.0, "oom_mode": "forward+backward"}
+    cells[("linear", 2048, 32, "linear_torch")] = {"ms": 5.0, "mib": 2.0}
+    return cells
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    return write_run(tmp_path_factory.mktemp("results"), "20260102-030405-synthetic-cpu", standard_cells())
+
+
+@pytest.fixture(scope="module")
+def written(run_dir) -> dict[str, Path]:
+    return write_reports(run_dir)
+
+
+def test_verdict_ranks_only_trusted_correct_rows(run_dir):
+    run = report_data.load(run_dir)
+    for v in report_data.verdicts(run.frame):
+        if v["family"] != "logits":
+            continue
+        # greedy is fastest where it ran; interp and wrong are faster still but untrusted
+        expected_fast = "greedy" if v["mode"] != "forward+backward" else "torch"
+        assert v["fastest"]["impl"] == expected_fast, v
+        assert v["leanest"]["impl"] == "lean", v
+    recs = {(r["family"], r["v_range"]): r for r in report_data.recommendations(run.frame)}
+    assert recs[("logits", "V < 32K")]["fastest"]["impl"] == "torch"  # greedy has no fwd+bwd timing: cannot compete
+    assert recs[("logits", "V < 32K")]["leanest"]["impl"] == "lean"
+    assert recs[("linear", "V < 32K")]["fastest"]["impl"] == "linear_torch"
+
+
+def test_speedup_against_builtin(run_dir):
+    table = report_data.speedups(report_data.load(run_dir).frame)
+    lean = table[(table["impl"] == "lean") & (table["mode"] == "forward")]
+    assert list(lean["speedup"].round(4)) == [round(2 / 3, 4)] * 2
+    assert "interp" not in set(table["impl"])  # untrusted timings get no speedup
+
+
+def test_files_written(written, run_dir):
+    out = written["html"].parent
+    assert out == run_dir.parent / "reports" / run_dir.name  # a run outside results/ keeps its reports beside it
+    assert written["index"] == run_dir.parent / "reports" / "index.html"
+    figures = sorted(p.name for p in (out / "figures").glob("*.png"))
+    assert "logits-time-vs-V.png" in figures and "linear-rate-vs-V.png" in figures
+    assert json.loads((out / "summary.json").read_text())["problems"] == 4  # per V: the oom row and the disagreement
+    index = written["index"].read_text()
+    assert f'href="{run_dir.name}/report.html"' in index and "Test CPU" in index and "synthetic" in index
+
+
+def test_markdown_verdict_first_and_status_cells_with_reasons(written):
+    text = written["markdown"].read_text()
+    assert text.index("## Verdict") < text.index("## Provenance") < text.index("#### Time")
+    assert "unsupported [1]" in text and "[1] needs a CUDA device \\| sm_80" in text
+    assert "oom [" in text and "CUDA out of memory (synthetic)" in text
+    assert "**FAIL**" in text and "DISAGREES" in text
+    assert "no roofline applies" in text
+    for fig in re.findall(r"!\[[^]]*\]\(([^)]+)\)", text):
+        assert (written["markdown"].parent / fig).is_file()
+
+
+def test_markdown_renders_its_tables(written):
+    markdown_it = pytest.importorskip("markdown_it")
+    source = written["markdown"].read_text()
+    html = markdown_it.MarkdownIt("commonmark").enable("table").render(source)
+    tables = re.findall(r"<table>.*?</table>", html, flags=re.S)
+    # verdict, per case, provenance, and 4 per family (logits, linear)
+    assert len(tables) == 3 + 4 * 2
+    source_rows = [len(block.splitlines()) - 2 for block in re.findall(r"(?:^\|.*\n)+", source, flags=re.M)]
+    for table, expected_rows in zip(tables, source_rows, strict=True):
+        body = table.split("</thead>")[1]
+        assert len(re.findall(r"<tr>", body)) == expected_rows
+        # GFM pads short rows with empty cells and drops extra ones: an empty cell means a broken row
+        assert "<td></td>" not in body
+    assert "<td>needs a CUDA device | sm_80</td>" not in html  # a reason is a footnote, not a cell
+    assert "needs a CUDA device | sm_80" in html  # the escaped pipe did not split anything
+
+
+def test_html_is_self_contained(written):
+    text = written["html"].read_text()
+    assert not re.search(r"""(src|href)=["']?(https?:)?//""", text), "the page must not fetch anything"
+    assert "<script" not in text and "@import" not in text
+    images = re.findall(r'<img class="plot"[^>]*src="([^"]+)"', text)
+    assert len(images) == len(list((written["html"].parent / "figures").glob("*.png")))
+    assert all(src.startswith("data:image/png;base64,") for src in images)
+    assert "needs a CUDA device" in text and "results.csv line" in text
+
+
+def test_memory_model_floors():
+    logits = memory_model.floor("logits", "forward+backward", 4, 10, None, "bfloat16")
+    assert logits.bytes_moved == 2 * 4 * 10 * 2 + 4 * (8 + 4)
+    assert logits.extra_bytes == 4 * 10 * 2
+    assert memory_model.floor("logits", "forward", 4, 10, None, "float32").extra_bytes == 4 * 4
+    linear = memory_model.floor("linear", "forward+backward", 4, 10, 3, "float32")
+    assert linear.extra_bytes == (4 + 10) * 3 * 4 + 4 * 4
+    assert linear.flops == 6 * 4 * 10 * 3
+    assert memory_model.floor("linear", "forward", 4, 10, 3, "float32").bytes_moved == (4 + 10) * 3 * 4 + 4 * 12
+    assert memory_model.achieved_gbps(2_000_000_000, 1000.0) == pytest.approx(2.0)
+    with pytest.raises(ValueError):
+        memory_model.floor("linear", "forward", 4, 10, None, "float32")
+
+
+def test_probe_pure_parts():
+    assert probe.copy_gbps(1 << 30, 1.0) == pytest.approx(2 * (1 << 30) / 1e-3 / 1e9)
+    assert probe.matmul_tflops(8192, 2.0) == pytest.approx(2 * 8192**3 / 2e-3 / 1e12)
+    with pytest.raises(ValueError):
+        probe.copy_gbps(10, 0.0)
+    assert probe.run_probe("cpu") is None
+    assert probe.roofline({"device": "cpu"}) is None
+    assert probe.roofline({"copy_bandwidth_gbps": 3000.0, "matmul_tflops_bf16": 700.0})["matmul_tflops_bf16"] == 700.0
+
+
+def test_roofline_drawn_from_env(tmp_path):
+    run_dir = write_run(tmp_path, "20260102-030405-synthetic-cuda", standard_cells(),
+                        {"device": "cuda", "copy_bandwidth_gbps": 3000.0, "matmul_tflops_bf16": 700.0})
+    text = write_reports(run_dir)["markdown"].read_text()
+    assert "copy bandwidth 3000.0 GB/s" in text and "no roofline applies" not in text
+
+
+def test_reports_dir_for_runs_in_results():
+    from cebench.report import REPORTS_DIR, RESULTS_DIR
+
+    assert default_reports_dir(RESULTS_DIR / "20260101-000000-smoke-cpu") == REPORTS_DIR
+    assert default_reports_dir(Path("/tmp/x/run")) == Path("/tmp/x/reports")
