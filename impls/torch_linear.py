@@ -1,0 +1,52 @@
+"""PyTorch's own chunked linear cross-entropy: F.linear_cross_entropy with LinearCrossEntropyOptions.
+
+`torch_linear` (linear family) calls torch.nn.functional.linear_cross_entropy with an
+options object, which selects PyTorch's chunked path: the token rows are processed in
+chunks, the loss and gradients are computed chunk by chunk in the forward, and the full
+(N, V) logits never exist. `options=None` would select the reference path (a plain
+linear + cross_entropy, what `linear_torch` already measures), so options are always given.
+
+Chunking setting: chunking_method="aspect_ratio", acc_policy="auto". "aspect_ratio" sizes a
+chunk so that its (rows, V) logits take as much memory as the (N, H) hidden input, the same
+budget Liger's fused linear loss uses by default, so the two are compared at equal transient
+memory. acc_policy="auto" lets PyTorch pick the accumulation precision per device and dtype
+(fp32 accumulation for bf16/fp16 on CPU and on recent CUDA GPUs), as a user who only opts
+into chunking gets.
+
+Options as the installed torch supports them on the chunked path (read in
+torch/nn/functional.py): reductions mean, sum, none and ignore_index. label_smoothing is
+accepted by the function but makes it leave the chunked path (it warns and computes the
+unchunked reference), so it is not declared: the implementation named here would not be the
+one measured. No z-loss, no softcap. Available only where the installed torch has the
+function and the options class (torch 2.13 has both).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+
+import cebench
+
+
+def has_chunked_linear_cross_entropy() -> str | None:
+    if hasattr(F, "linear_cross_entropy") and hasattr(torch.nn, "LinearCrossEntropyOptions"):
+        return None
+    return f"torch {torch.__version__} has no F.linear_cross_entropy / torch.nn.LinearCrossEntropyOptions"
+
+
+@functools.cache
+def chunk_options():
+    """The options object every call uses (frozen dataclass, built once)."""
+    return torch.nn.LinearCrossEntropyOptions(chunking_method="aspect_ratio", acc_policy="auto")
+
+
+@cebench.register(name="torch_linear", family="linear", reductions=("mean", "sum", "none"), ignore_index=True,
+                  available=has_chunked_linear_cross_entropy,
+                  description="F.linear_cross_entropy, chunked (aspect_ratio chunks, auto accumulation)")
+def torch_linear(hidden, weight, targets, *, reduction="mean", ignore_index=-100):
+    """torch.nn.functional.linear_cross_entropy with LinearCrossEntropyOptions chunking."""
+    return F.linear_cross_entropy(hidden, weight, targets, reduction=reduction, ignore_index=ignore_index,
+                                  options=chunk_options())

@@ -1,0 +1,165 @@
+"""The peer libraries' implementations (Liger, Cut Cross-Entropy, torch's chunked linear CE).
+
+Each available peer must agree with the float64 reference on every option it declares, on
+shapes where N and V are not powers of two and a fifth of the targets are ignored; one that
+is unavailable here is skipped with its reason. The declarations themselves are checked
+too: what a peer says it supports is what its library really does, and a peer that needs
+hardware this machine lacks says so instead of crashing.
+"""
+
+import inspect
+import warnings
+
+import pytest
+import torch
+
+from cebench import registry
+from cebench.cases import Case, make_grad_output, make_inputs
+from cebench.reference import compare, reference
+from cebench.registry import load_all
+from cebench.runner import call, fresh_inputs
+
+IMPLS = load_all()
+PEERS = ("liger", "liger_linear", "cce", "cce_torch_compile", "torch_linear")
+SHAPE = {"logits": dict(N=37, V=1001), "linear": dict(N=37, V=1001, H=48)}
+OPTION_VALUES = {"label_smoothing": 0.1, "z_loss": 1e-2, "softcap": 5.0}
+
+
+def _declared_options(impl) -> dict:
+    return {k: v for k, v in OPTION_VALUES.items() if getattr(impl, k)}
+
+
+def _cases(impl):
+    """Every declared reduction in fp32, each declared option alone and all together, and the
+    options in the narrowest other dtype declared: a handful of cases, not the full product
+    (the peers run through the Triton interpreter or compile per variant, both slow on CPU)."""
+    def case(dtype="float32", reduction="mean", **options):
+        return Case(impl.family, **SHAPE[impl.family], dtype=dtype, reduction=reduction, ignore_frac=0.2, **options)
+
+    declared = _declared_options(impl)
+    cases = [case(reduction=r) for r in impl.reductions]
+    cases += [case(**{k: v}) for k, v in declared.items()]
+    if len(declared) > 1:
+        cases.append(case(reduction=impl.reductions[-1], **declared))
+    low = [d for d in ("bfloat16", "float16") if d in impl.dtypes]
+    if low:
+        cases.append(case(dtype=low[0], **declared))
+    return cases
+
+
+def _params():
+    for name in PEERS:
+        impl = IMPLS.get(name)
+        if impl is None:  # the file failed to load: test_peer_files_load says why
+            continue
+        for case in _cases(impl):
+            yield pytest.param(name, case, id=f"{name}-{case.id}")
+
+
+def _skip_unless_runnable(impl, case=None):
+    reason = impl.unavailable_reason() or (case and impl.unsupported_reason(case, "cpu"))
+    if reason:
+        pytest.skip(f"{impl.name}: {reason}")
+
+
+def _run(impl, case):
+    """(outputs, inputs after the call, pristine inputs) for one call and backward on CPU."""
+    pristine = make_inputs(case, "cpu")
+    grad_out = make_grad_output(case, "cpu")
+    inputs = fresh_inputs(pristine, case)
+    loss = call(impl, case, inputs)
+    loss.backward(grad_out.to(loss.dtype))
+    outputs = {"loss": loss.detach(), **{k: v.grad for k, v in inputs.items() if k != "targets"}}
+    return outputs, reference(case, pristine, grad_out), inputs, pristine
+
+
+def test_peer_files_load():
+    failed = {src: err for src, err in registry.LOAD_ERRORS.items()
+              if any(src.endswith(f"{f}.py") for f in ("liger", "cce", "torch_linear"))}
+    assert not failed
+    assert set(PEERS) <= set(IMPLS)
+
+
+@pytest.mark.parametrize("name,case", list(_params()))
+def test_peer_agrees_with_float64_reference(name, case):
+    impl = IMPLS[name]
+    _skip_unless_runnable(impl, case)
+    outputs, ref, _, _ = _run(impl, case)
+    failures = [a.describe() for a in compare(outputs, ref, case.dtype) if not a.ok]
+    assert not failures, f"{name} disagrees on {case.id}: {failures}"
+
+
+@pytest.mark.parametrize("name", PEERS)
+def test_declared_mutation_is_what_happens(name):
+    impl = IMPLS[name]
+    case = _cases(impl)[0]
+    _skip_unless_runnable(impl, case)
+    _, _, inputs, pristine = _run(impl, case)
+    mutated = any(not torch.equal(inputs[k].detach(), pristine[k]) for k in pristine)
+    assert mutated == impl.mutates_inputs
+
+
+def test_liger_z_loss_is_lse_squared_per_row():
+    """Liger's lse_square_scale is cebench's z_loss: λ·lse² added to each row's loss, then reduced."""
+    impl = IMPLS["liger"]
+    base = Case("logits", N=9, V=301, reduction="none", ignore_frac=0.3)
+    with_z = Case("logits", N=9, V=301, reduction="none", ignore_frac=0.3, z_loss=0.5)
+    _skip_unless_runnable(impl, with_z)
+    logits = make_inputs(base, "cpu")["logits"]
+    targets = make_inputs(base, "cpu")["targets"]
+    plain = impl.fn(logits.clone(), targets, reduction="none")
+    z = impl.fn(logits.clone(), targets, reduction="none", z_loss=0.5)
+    lse = torch.logsumexp(logits.double(), dim=-1)
+    expected = torch.where(targets != -100, 0.5 * lse**2, 0.0)
+    torch.testing.assert_close((z - plain).double(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_cce_needs_cuda():
+    impl = IMPLS["cce"]
+    if torch.cuda.is_available():
+        assert impl.unavailable_reason() is None or "CUDA" not in impl.unavailable_reason()
+        pytest.skip("this machine has CUDA: cce's unavailability without it cannot be observed here")
+    reason = impl.unavailable_reason()
+    assert reason is not None and "CUDA" in reason
+    assert impl.devices == ("cuda",)
+
+
+def test_torch_linear_stays_on_the_chunked_path():
+    """With the declared options the chunked op runs without its 'options ignored' fallback warning,
+    and label smoothing (not declared) does make it fall back: that is why it is left out."""
+    impl = IMPLS["torch_linear"]
+    case = Case("linear", **SHAPE["linear"], reduction="mean", ignore_frac=0.2)
+    _skip_unless_runnable(impl, case)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _run(impl, case)
+    assert not impl.label_smoothing
+    inputs = make_inputs(case, "cpu")
+    with pytest.warns(UserWarning, match="options.. ignored"):
+        torch.nn.functional.linear_cross_entropy(inputs["hidden"], inputs["weight"], inputs["targets"],
+                                                 label_smoothing=0.1, options=torch.nn.LinearCrossEntropyOptions())
+
+
+def test_cce_has_no_label_smoothing_or_z_loss():
+    if IMPLS["cce_torch_compile"].unavailable_reason():
+        pytest.skip(IMPLS["cce_torch_compile"].unavailable_reason())
+    from cut_cross_entropy import linear_cross_entropy
+
+    params = set(inspect.signature(linear_cross_entropy).parameters)
+    assert {"softcap", "reduction", "ignore_index"} <= params
+    assert not params & {"label_smoothing", "z_loss", "lse_square_scale"}
+    for name in ("cce", "cce_torch_compile"):
+        assert IMPLS[name].softcap and not IMPLS[name].label_smoothing and not IMPLS[name].z_loss
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the limitation is the Triton interpreter's, used only without CUDA")
+def test_liger_interpreter_limits_are_declared():
+    """Without CUDA, Liger's softcap and its bf16 logits backward do not work in the Triton
+    interpreter; the declaration leaves them out rather than let a run fail or disagree."""
+    impl = IMPLS["liger"]
+    _skip_unless_runnable(impl)
+    assert not impl.softcap and "bfloat16" not in impl.dtypes
+    case = Case("logits", N=4, V=33)
+    inputs = make_inputs(case, "cpu")
+    with pytest.raises(Exception, match="to"):
+        impl.fn(inputs["logits"], inputs["targets"], reduction="mean", softcap=5.0)
