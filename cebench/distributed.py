@@ -139,7 +139,8 @@ def _launch_until_done(world, cells, kind, writer, base, timing, run_dir, plugin
         spec = {"run_dir": str(run_dir), "base": base, "device": kind, "plugins": list(plugins), "attempt": attempt,
                 "progress": str(ranks_dir / f"progress-w{world}.jsonl"), "errors": str(ranks_dir),
                 "timeout_s": collective_timeout_s(), "timing": timing,
-                "cells": [{"index": i, "impl": cells[i][0].name, "case": cells[i][1].as_dict(), "modes": cells[i][2]}
+                "cells": [{"index": i, "impl": cells[i][0].name, "source": cells[i][0].source, "case": cells[i][1].as_dict(),
+                           "modes": cells[i][2]}
                           for i in todo]}
         spec_path = ranks_dir / f"spec-w{world}-{attempt}.json"
         spec_path.write_text(json.dumps(spec, indent=1))

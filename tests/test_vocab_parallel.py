@@ -98,31 +98,6 @@ def _write_suite(path: Path, V: int = 515) -> Path:
     return path
 
 
-def _run(tmp_path: Path, *args: str, limit_s: float = 240):
-    env = {**os.environ, distributed.ENV_TIMEOUT: "30"}
-    proc = subprocess.run([sys.executable, "-m", "cebench", "run", "--nproc", "2", "--out", str(tmp_path / "runs"),
-                           "--suite", str(_write_suite(tmp_path / "suite.toml")), *args],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=limit_s)
-    run_dir = Path(proc.stdout.strip().splitlines()[-1])
-    return proc, read_results(run_dir)
-
-
-def test_two_gloo_ranks_agree_and_count_bytes(tmp_path):
-    proc, rows = _run(tmp_path, "--impl", "vp_allreduce,vp_fused,vp_linear_allreduce")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    agreement = rows[rows.metric == "agreement"].set_index(["impl", "world_size"])
-    for name in ("vp_allreduce", "vp_fused", "vp_linear_allreduce"):
-        assert agreement.loc[(name, 2), "status"] == "ok", agreement.loc[(name, 2), "reason"]
-        assert "gathered from 2 ranks" in agreement.loc[(name, 2), "reason"]
-    assert agreement.loc[("vp_linear_allreduce", 4), "status"] == "skipped"  # world size 4 > --nproc 2
-    comm = rows[rows.metric == "comm_bytes"].set_index("impl")["value"]
-    assert comm["vp_allreduce"] == 3 * 32 * 4  # three all-reduces of N fp32
-    assert comm["vp_fused"] == 2 * 32 * 3 * 4  # one all-gather of (max, sum-exp, target) from 2 ranks
-    assert comm["vp_linear_allreduce"] == 3 * 32 * 4 + 32 * 16 * 4  # + the hidden gradient's all-reduce
-    times = rows[(rows.metric == "time") & (rows.status == "ok")]
-    assert (times.world_size == 2).all() and (times.value > 0).all()
-
-
 BROKEN_PLUGIN = '''
 import torch
 import torch.distributed as dist
@@ -145,11 +120,43 @@ def no_comm(logits, targets, *, reduction="mean", ignore_index=-100, vocab_start
 '''
 
 
-def test_failing_rank_ends_its_group_and_the_run_goes_on(tmp_path):
-    plugin = tmp_path / "broken_vp.py"
+GOOD = ("vp_allreduce", "vp_fused", "vp_linear_allreduce")
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    """One CLI run on 2 gloo ranks (launching torchrun costs seconds): a rank that raises first, then an
+    implementation that skips the communication, then the real ones."""
+    tmp = tmp_path_factory.mktemp("tp")
+    plugin = tmp / "broken_vp.py"
     plugin.write_text(BROKEN_PLUGIN)
-    proc, rows = _run(tmp_path, "--plugin", str(plugin), "--impl", "vp_raises_on_rank1,vp_no_comm,vp_allreduce",
-                      limit_s=180)
+    env = {**os.environ, distributed.ENV_TIMEOUT: "30"}
+    proc = subprocess.run([sys.executable, "-m", "cebench", "run", "--nproc", "2", "--out", str(tmp / "runs"),
+                           "--suite", str(_write_suite(tmp / "suite.toml")), "--plugin", str(plugin),
+                           "--impl", ",".join(("vp_raises_on_rank1", "vp_no_comm", *GOOD))],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    run_dir = Path(proc.stdout.strip().splitlines()[-1]) if proc.stdout.strip() else None
+    return proc, read_results(run_dir) if run_dir else None
+
+
+def test_two_gloo_ranks_agree_and_count_bytes(two_ranks):
+    proc, rows = two_ranks
+    assert rows is not None, proc.stderr[-3000:]
+    agreement = rows[rows.metric == "agreement"].set_index(["impl", "world_size"])
+    for name in GOOD:
+        assert agreement.loc[(name, 2), "status"] == "ok", agreement.loc[(name, 2), "reason"]
+        assert "gathered from 2 ranks" in agreement.loc[(name, 2), "reason"]
+    assert agreement.loc[("vp_linear_allreduce", 4), "status"] == "skipped"  # world size 4 > --nproc 2
+    comm = rows[rows.metric == "comm_bytes"].set_index("impl")["value"]
+    assert comm["vp_allreduce"] == 3 * 32 * 4  # three all-reduces of N fp32
+    assert comm["vp_fused"] == 2 * 32 * 3 * 4  # one all-gather of (max, sum-exp, target) from 2 ranks
+    assert comm["vp_linear_allreduce"] == 3 * 32 * 4 + 32 * 16 * 4  # + the hidden gradient's all-reduce
+    times = rows[(rows.metric == "time") & (rows.status == "ok")]
+    assert set(GOOD) <= set(times.impl) and (times.world_size == 2).all() and (times.value > 0).all()
+
+
+def test_failing_rank_ends_its_group_and_the_run_goes_on(two_ranks):
+    proc, rows = two_ranks
     assert proc.returncode == 1, proc.stderr[-3000:]
     agreement = rows[(rows.metric == "agreement") & (rows.world_size == 2)].set_index("impl")
     assert agreement.loc["vp_raises_on_rank1", "status"] == "failed"
