@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from cebench import registry, resume, suites
+from cebench import conformance, distributed, registry, resume, suites
 from cebench.cases import CaseError
 from cebench.compare import compare as compare_runs
 from cebench.compare import markdown as compare_markdown
@@ -66,7 +66,8 @@ def _check_device(device: str) -> str:
 
 def _recorded_args(args) -> tuple[Path, dict]:
     """--resume RUN_DIR: the run directory and the arguments it was started with (none may be given again)."""
-    given = [f"--{k.replace('_', '-')}" for k in ("suite", "impl", "device", "out", "timeout") if getattr(args, k)]
+    given = [f"--{k.replace('_', '-')}" for k in ("suite", "impl", "device", "out") if getattr(args, k)]
+    given += ["--timeout"] * (args.timeout is not None) + ["--nproc"] * (args.nproc != 1)
     if given or args.plugin or args.no_isolate:
         raise UsageError(f"--resume takes the run's arguments from its env.json; do not give {given or '--plugin'}")
     run_dir = Path(args.resume)
@@ -84,6 +85,9 @@ def cmd_run(args) -> int:
         recorded = env["run_args"]
         args.suite, args.impl, args.plugin = recorded["suite"], recorded["impl"], recorded["plugin"]
         args.device, args.timeout, args.no_isolate = recorded["device"], recorded["timeout"], not recorded["isolate"]
+        args.nproc = recorded.get("nproc", 1)
+    if args.timeout is None:
+        args.timeout = DEFAULT_TIMEOUT_S
     device = _check_device(args.device or detect_device())
     suite = suites.load(args.suite or suites.DEFAULT_SUITE[device.split(":")[0]])
     _load_impls(args.plugin)
@@ -104,13 +108,16 @@ def cmd_run(args) -> int:
         # what --resume needs to finish this run exactly as it was started
         plugins = [str(Path(p).resolve()) if Path(p).is_file() else p for p in args.plugin]
         env["run_args"] = {"suite": str(suite.path.resolve()), "impl": args.impl, "plugin": plugins, "device": device,
-                           "timeout": args.timeout, "isolate": not args.no_isolate}
+                           "timeout": args.timeout, "isolate": not args.no_isolate, "nproc": args.nproc}
     writer = RunWriter(run_dir)
     write_env(run_dir, env)
     stderr_log(f"cebench: suite {suite.name} ({suite.path}) on {device}, {len(impls)} implementation(s) -> {run_dir}")
     try:
-        outcome = run_suite(suite, impls, device, writer, run_id, log=stderr_log, isolate=not args.no_isolate,
+        split = distributed.plan(suite, args.nproc)  # vocab-parallel cases at world size > 1 go to torchrun
+        outcome = run_suite(split.local, impls, device, distributed.WorldSizeOne(writer), run_id, log=stderr_log,
+                            isolate=not args.no_isolate,
                             plugins=args.plugin, timeout=args.timeout or None, done=done, log_dir=run_dir / "logs")
+        distributed.run_launches(split, impls, device, writer, run_id, run_dir, args.plugin, outcome, stderr_log)
     finally:
         writer.close()
     if not args.no_report:
@@ -161,6 +168,24 @@ def cmd_compare(args) -> int:
     return EXIT_OK
 
 
+def cmd_conformance(args) -> int:
+    device = _check_device(args.device or detect_device())
+    _load_impls(args.plugin)
+    impls = registry.select(_split(args.impl))
+    rows = conformance.run(impls, device, args.plugin, timeout=args.timeout or None, isolate=not args.no_isolate,
+                           log=stderr_log)
+    path = conformance.write(rows, device, args.out)
+    print(path.read_text(), end="")
+    stderr_log(f"cebench: conformance table {path} (and conformance.csv)")
+    return EXIT_IMPL_FAILED if any(r["status"] in ("differs", "error") for r in rows) else EXIT_OK
+
+
+def _positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return int(text)
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m cebench", description="Benchmark cross-entropy implementations.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -170,7 +195,10 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--plugin", action="append", default=[], help="plugin .py file or module name (repeatable)")
     run.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda if available)")
     run.add_argument("--out", help="directory to create the run directory in (default: results/)")
-    run.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S,
+    run.add_argument("--nproc", type=_positive_int, default=1, metavar="K",
+                     help="ranks for the vocab-parallel cases (torch.distributed.run; gloo on CPU, NCCL on GPU); "
+                          "a suite's world_size values above K are skipped (default 1)")
+    run.add_argument("--timeout", type=float,
                      help=f"seconds one implementation may spend on one case before it is killed and recorded as "
                           f"timeout (default {DEFAULT_TIMEOUT_S:g}; 0: no limit)")
     run.add_argument("--no-isolate", action="store_true",
@@ -193,6 +221,14 @@ def parser() -> argparse.ArgumentParser:
                      help="exit 1 if any case is significantly slower in RUN_B by more than PCT percent")
     cmp.add_argument("--out", help="also write the Markdown to this file")
     cmp.set_defaults(func=cmd_compare)
+    con = sub.add_parser("conformance", help="edge-case matrix for every implementation (Markdown on stdout)")
+    con.add_argument("--impl", help="comma-separated implementation names (default: all)")
+    con.add_argument("--plugin", action="append", default=[], help="plugin .py file or module name (repeatable)")
+    con.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda if available)")
+    con.add_argument("--timeout", type=float, default=120.0, help="seconds per cell before the worker is killed")
+    con.add_argument("--no-isolate", action="store_true", help="run in this process (debugging)")
+    con.add_argument("--out", help="folder for conformance.md/.csv (default: reports/conformance/<time>-<device>/)")
+    con.set_defaults(func=cmd_conformance)
     return p
 
 

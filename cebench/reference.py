@@ -80,7 +80,9 @@ def _rows_loss_and_grad(case, x, targets, valid, row_scale):
     lse = torch.logsumexp(z, dim=-1)
     safe_t = targets.clamp(min=0).unsqueeze(1)
     z_t = z.gather(1, safe_t).squeeze(1)
-    loss = (1 - eps) * (lse - z_t) + eps * (lse - z.mean(dim=-1)) + lam * lse**2
+    loss = (1 - eps) * (lse - z_t) + lam * lse**2
+    if eps:  # only then: with -inf logits, 0 · (lse − mean z) would be 0 · inf = NaN
+        loss = loss + eps * (lse - z.mean(dim=-1))
     loss = torch.where(valid, loss, torch.zeros_like(loss))
     dz = torch.softmax(z, dim=-1) * (1 + 2 * lam * lse).unsqueeze(1) - eps / case.V
     dz.scatter_add_(1, safe_t, torch.full_like(z_t, -(1 - eps)).unsqueeze(1))
