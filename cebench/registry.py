@@ -115,6 +115,7 @@ def register(
 
     family "logits": fn(logits, targets, *, reduction, ignore_index, **options)
     family "linear": fn(hidden, weight, targets, *, reduction, ignore_index, **options)
+    family "vocab_parallel[_linear]": the same on this rank's vocab shard, + vocab_start, group (impls/vocab_parallel.py)
     Options beyond reduction/ignore_index (label_smoothing, z_loss, softcap) are passed
     only when a case sets them and the declaration says they are supported. The function
     returns a differentiable loss like `F.cross_entropy` (with z_loss included).
