@@ -10,6 +10,8 @@ report compares both.
 
 World size: a suite's `world_size = [...]` on a vocab_parallel grid; without it, --nproc.
 A case asking for more ranks than --nproc is recorded as skipped with the reason.
+On a CPU the ranks share the machine's cores: each rank gets cpu_count // world threads
+(OMP_NUM_THREADS, unless set), while world size 1 runs with torch's default.
 
 Nothing hangs: collectives run under the process group's timeout, the launcher ends the
 whole group as soon as one rank exits with an error, and the launch itself has a wall-clock
