@@ -97,7 +97,8 @@ def cmd_run(args) -> int:
         if env.get("suite_hash") != suite.sha256:
             raise UsageError(f"{suite.path} changed since run {run_dir} started; start a new run instead of resuming")
         run_id = run_dir.name
-        done = resume.finished_cells(run_dir, [(c, m, i) for c, m, r in suite.cells() for i in impls
+        done = resume.finished_cells(run_dir, [(c, m, i) for c, m, r in distributed.resolved_cells(suite, args.nproc)
+                                               for i in impls
                                                if i.family == c.family and (r is None or i.name in r)])
         env.setdefault("resumed", []).append(environment(device, suite.name, suite.sha256)["time"])
     else:
@@ -117,7 +118,8 @@ def cmd_run(args) -> int:
         outcome = run_suite(split.local, impls, device, distributed.WorldSizeOne(writer), run_id, log=stderr_log,
                             isolate=not args.no_isolate,
                             plugins=args.plugin, timeout=args.timeout or None, done=done, log_dir=run_dir / "logs")
-        distributed.run_launches(split, impls, device, writer, run_id, run_dir, args.plugin, outcome, stderr_log)
+        distributed.run_launches(split, impls, device, writer, run_id, run_dir, args.plugin, outcome, stderr_log,
+                                 done=done)
     finally:
         writer.close()
     if not args.no_report:

@@ -76,6 +76,14 @@ class Plan:
     too_large: list[tuple[Case, tuple[str, ...], tuple[str, ...] | None]]
 
 
+def resolved_cells(suite: Suite, nproc: int):
+    """suite.cells() with each vocab-parallel case's world size filled in (the suite's, else nproc)."""
+    for case, modes, restrict in suite.cells():
+        if is_vocab_parallel(case.family) and case.world_size is None:
+            case = dataclasses.replace(case, world_size=nproc)
+        yield case, modes, restrict
+
+
 def plan(suite: Suite, nproc: int) -> Plan:
     """Resolve each vocab-parallel case's world size (suite's, else nproc) and split the cells."""
     grids, launches, too_large = [], {}, []
@@ -111,18 +119,24 @@ def _status_rows(case, impl, device, modes, status, reason) -> list[dict]:
 
 
 def run_launches(the_plan: Plan, impls, device: str, writer, run_id: str, run_dir: Path, plugins, outcome,
-                 log) -> None:
-    """Record the cases too large for --nproc, then launch every world size; problems go to `outcome`."""
+                 log, done=frozenset()) -> None:
+    """Record the cases too large for --nproc, then launch every world size; problems go to `outcome`.
+    `done`: (impl, case id) of cells a resumed run already finished."""
     base = {"run_id": run_id, "suite": the_plan.local.name}
     timing = dataclasses.asdict(the_plan.local.timing)
     kind = device.split(":")[0]
     for case, modes, restrict in the_plan.too_large:
         for impl in _chosen(impls, case, restrict):
+            if (impl.name, case.id) in done:
+                continue
             for row in _status_rows(case, impl, kind, modes, "skipped", f"world size {case.world_size} needs --nproc "
                                     f">= {case.world_size}"):
                 writer.write_row({**base, **row})
     for world, grid_cells in the_plan.launches.items():
-        cells = [(impl, case, modes) for case, modes, restrict in grid_cells for impl in _chosen(impls, case, restrict)]
+        cells = [(impl, case, modes) for case, modes, restrict in grid_cells for impl in _chosen(impls, case, restrict)
+                 if (impl.name, case.id) not in done]
+        if not cells:
+            continue
         log(f"[world size {world}] {len(cells)} vocab-parallel cell(s) through torch.distributed.run")
         _launch_until_done(world, cells, kind, writer, base, timing, run_dir, plugins, outcome, log)
 
