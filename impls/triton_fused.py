@@ -75,11 +75,44 @@ if triton is not None:
             tl.store(ptrs, value.to(ptrs.dtype.element_ty), mask=mask)
 
     @triton.jit
+    def _load_z(x_rows, cols, col_ok, cap, HAS_SOFTCAP: tl.constexpr, BF16_BITS: tl.constexpr):
+        # one [BLOCK_N, BLOCK_V] tile of (capped) logits in fp32; columns past V read as 0
+        z = _load_f32(x_rows[:, None] + cols[None, :], col_ok[None, :], BF16_BITS)
+        if HAS_SOFTCAP:
+            z = _softcap(z, cap)
+        return z
+
+    @triton.jit
+    def _block_stats(z, col_ok, m, s, z_sum, HAS_SMOOTHING: tl.constexpr):
+        # fold one tile into the running max m, the running sum s of exp(z - m) (rescaled
+        # whenever m grows) and the plain sum of z (for label smoothing)
+        z_max = tl.where(col_ok[None, :], z, float("-inf"))
+        m_new = tl.maximum(m, tl.max(z_max, axis=1))
+        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z_max - m_new[:, None]), axis=1)
+        if HAS_SMOOTHING:
+            z_sum += tl.sum(tl.where(col_ok[None, :], z, 0.0), axis=1)
+        return m_new, s, z_sum
+
+    @triton.jit
+    def _block_grad(z, cols, lse, p_scale, scale, safe_t, eps, n_cols, cap,
+                    HAS_SMOOTHING: tl.constexpr, HAS_SOFTCAP: tl.constexpr):
+        # dL/dz = p·(1 + 2λ·lse) - (1-ε)·onehot - ε/V (p_scale carries the z-loss factor and
+        # scale the row's 1/n_valid or 0), then the softcap chain rule 1 - (z/c)²
+        g = tl.exp(z - lse[:, None]) * p_scale[:, None]
+        if HAS_SMOOTHING:
+            g -= (eps / n_cols) * scale[:, None]
+        g = tl.where(cols[None, :] == safe_t[:, None], g - (1.0 - eps) * scale[:, None], g)
+        if HAS_SOFTCAP:
+            g *= 1.0 - (z / cap) * (z / cap)
+        return g
+
+    @triton.jit
     def _fused_ce_kernel(
         x_ptr, x_stride, grad_ptr, grad_stride, targets_ptr, loss_ptr, zloss_ptr, n_valid_ptr,
         n_rows, n_cols, ignore_index, eps, lam, cap,
         MEAN: tl.constexpr, HAS_SMOOTHING: tl.constexpr, HAS_ZLOSS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-        BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BF16_BITS: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, SINGLE_BLOCK: tl.constexpr,
+        BF16_BITS: tl.constexpr,
     ):
         # 1. This program's rows. Rows past the end are clamped onto the last row for loads
         #    (so every row has finite logits and the online max never sees only -inf) and
@@ -97,24 +130,22 @@ if triton is not None:
         if HAS_SOFTCAP:
             z_t = _softcap(z_t, cap)
 
-        # 3. Online softmax over vocabulary blocks, all in fp32: running max m, running
-        #    sum s of exp(z - m) rescaled whenever m grows, and the plain sum of z for smoothing.
+        # 3. Online softmax over vocabulary blocks, all in fp32. When the whole row fits in
+        #    one block (SINGLE_BLOCK) the tile stays live for step 6 and is read only once.
         m = tl.full((BLOCK_N,), float("-inf"), tl.float32)
         s = tl.zeros((BLOCK_N,), tl.float32)
         z_sum = tl.zeros((BLOCK_N,), tl.float32)
-        for start in range(0, n_cols, BLOCK_V):
-            cols = start + tl.arange(0, BLOCK_V)
-            col_ok = cols < n_cols
-            x = _load_f32(x_rows[:, None] + cols[None, :], col_ok[None, :], BF16_BITS)
-            z = x
-            if HAS_SOFTCAP:
-                z = _softcap(x, cap)
-            z = tl.where(col_ok[None, :], z, float("-inf"))
-            m_new = tl.maximum(m, tl.max(z, axis=1))
-            s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new[:, None]), axis=1)
-            m = m_new
-            if HAS_SMOOTHING:
-                z_sum += tl.sum(tl.where(col_ok[None, :], z, 0.0), axis=1)
+        if SINGLE_BLOCK:
+            cols0 = tl.arange(0, BLOCK_V)
+            col_ok0 = cols0 < n_cols
+            z0 = _load_z(x_rows, cols0, col_ok0, cap, HAS_SOFTCAP, BF16_BITS)
+            m, s, z_sum = _block_stats(z0, col_ok0, m, s, z_sum, HAS_SMOOTHING)
+        else:
+            for start in range(0, n_cols, BLOCK_V):
+                cols = start + tl.arange(0, BLOCK_V)
+                col_ok = cols < n_cols
+                z = _load_z(x_rows, cols, col_ok, cap, HAS_SOFTCAP, BF16_BITS)
+                m, s, z_sum = _block_stats(z, col_ok, m, s, z_sum, HAS_SMOOTHING)
 
         # 4. Per-row loss: (1-ε)(lse - z_t) + ε(lse - mean z) + λ·lse², zero on ignored rows.
         lse = m + tl.log(s)
@@ -138,25 +169,19 @@ if triton is not None:
         if HAS_ZLOSS:
             p_scale = scale * (1.0 + 2.0 * lam * lse)
 
-        # 6. Second pass: dL/dz = p·(1 + 2λ·lse) - (1-ε)·onehot - ε/V, then the softcap chain
-        #    rule 1 - (z/c)². Each block is read before it is written by the same program, so
-        #    grad_ptr may be x_ptr itself (the in-place case).
+        # 6. Second pass: write the gradient. Each block is read before the same program
+        #    writes it, so grad_ptr may be x_ptr itself (the in-place case).
         g_rows = grad_ptr + safe_rows * grad_stride
-        for start in range(0, n_cols, BLOCK_V):
-            cols = start + tl.arange(0, BLOCK_V)
-            col_ok = cols < n_cols
-            mask = row_ok[:, None] & col_ok[None, :]
-            x = _load_f32(x_rows[:, None] + cols[None, :], col_ok[None, :], BF16_BITS)
-            z = x
-            if HAS_SOFTCAP:
-                z = _softcap(x, cap)
-            g = tl.exp(z - lse[:, None]) * p_scale[:, None]
-            if HAS_SMOOTHING:
-                g -= (eps / n_cols) * scale[:, None]
-            g = tl.where(cols[None, :] == safe_t[:, None], g - (1.0 - eps) * scale[:, None], g)
-            if HAS_SOFTCAP:
-                g *= 1.0 - (z / cap) * (z / cap)
-            _store_f32(g_rows[:, None] + cols[None, :], g, mask, BF16_BITS)
+        if SINGLE_BLOCK:
+            g = _block_grad(z0, cols0, lse, p_scale, scale, safe_t, eps, n_cols, cap, HAS_SMOOTHING, HAS_SOFTCAP)
+            _store_f32(g_rows[:, None] + cols0[None, :], g, row_ok[:, None] & col_ok0[None, :], BF16_BITS)
+        else:
+            for start in range(0, n_cols, BLOCK_V):
+                cols = start + tl.arange(0, BLOCK_V)
+                col_ok = cols < n_cols
+                z = _load_z(x_rows, cols, col_ok, cap, HAS_SOFTCAP, BF16_BITS)
+                g = _block_grad(z, cols, lse, p_scale, scale, safe_t, eps, n_cols, cap, HAS_SMOOTHING, HAS_SOFTCAP)
+                _store_f32(g_rows[:, None] + cols[None, :], g, row_ok[:, None] & col_ok[None, :], BF16_BITS)
 
 
 def launch_config(n_rows: int, n_cols: int, device: torch.device) -> tuple[int, int, int]:
@@ -167,8 +192,9 @@ def launch_config(n_rows: int, n_cols: int, device: torch.device) -> tuple[int, 
     if device.type == "cuda":
         block_v = min(v_pow2, 8192)
         return 1, block_v, 8 if block_v >= 4096 else 4
-    # measured in the interpreter (N=256, V=4099): 256×1024 tiles beat wider vocab blocks,
-    # which waste more of the padding to a power of two; few rows leave room for wide blocks
+    # measured in the interpreter (N=256, V=4099): 256×1024 tiles (5 blocks, two passes) cost
+    # no more than 64×8192 single-block tiles, whose padding to a power of two wastes half the
+    # work; few rows leave room for wide blocks. Numpy caps a tile at 2^20 elements.
     block_n = min(triton.next_power_of_2(n_rows), 256)
     block_v = min(v_pow2, max(1024, (1 << 18) // block_n))
     return block_n, block_v, 1
@@ -191,8 +217,8 @@ def fused_ce_rows(x, targets, grad_out, n_valid, *, reduction, ignore_index, lab
         x, x.stride(0), grad_out, grad_out.stride(0), targets, row_loss, row_z, n_valid,
         n_rows, n_cols, ignore_index, float(label_smoothing), float(z_loss), float(softcap or 1.0),
         MEAN=reduction == "mean", HAS_SMOOTHING=bool(label_smoothing), HAS_ZLOSS=bool(z_loss),
-        HAS_SOFTCAP=softcap is not None, BLOCK_N=block_n, BLOCK_V=block_v, BF16_BITS=bf16_bits,
-        num_warps=num_warps,
+        HAS_SOFTCAP=softcap is not None, BLOCK_N=block_n, BLOCK_V=block_v, SINGLE_BLOCK=n_cols <= block_v,
+        BF16_BITS=bf16_bits, num_warps=num_warps,
     )
     return row_loss, row_z
 
