@@ -141,18 +141,19 @@ def scenario_task(impl: Impl, scenario: str, device: str) -> Iterator[tuple]:
 
 
 def run(impls: list[Impl], device: str, plugins=(), timeout: float | None = 120.0, isolate: bool = True,
-        log=print) -> list[dict]:
-    """Every implementation × scenario, one worker per implementation; returns the cells as rows."""
+        log=print, only: list[str] | None = None) -> list[dict]:
+    """Every implementation × scenario (or the `only` ones), one worker per implementation; the cells as rows."""
+    scenarios = [s for s in SCENARIOS if only is None or s.name in only]
     rows = []
     log_dir = Path(tempfile.mkdtemp(prefix="cebench-conformance-"))
     for impl in impls:
         if impl.family not in FAMILIES:
             rows += [{"impl": impl.name, "family": impl.family, "scenario": s.name, "status": "n/a",
-                      "detail": f"the {impl.family} family needs several processes"} for s in SCENARIOS]
+                      "detail": f"the {impl.family} family needs several processes"} for s in scenarios]
             continue
         log(f"conformance: {impl.name}")
         worker = Worker(impl.name, impl.source, list(plugins), device, log_dir / f"{impl.name}.log") if isolate else None
-        for scenario in SCENARIOS:
+        for scenario in scenarios:
             rows.append({"impl": impl.name, "family": impl.family, "scenario": scenario.name,
                          **_cell(worker, impl, scenario, device, timeout)})
         if worker is not None:
@@ -201,7 +202,7 @@ def _loss_text(value) -> str:
 def markdown(rows: list[dict], device: str) -> str:
     impls = list(dict.fromkeys(r["impl"] for r in rows))
     cells = {(r["impl"], r["scenario"]): r for r in rows}
-    names = [s.name for s in SCENARIOS]
+    names = [s.name for s in SCENARIOS if any(r["scenario"] == s.name for r in rows)]
     lines = [f"# Conformance on {device}", "",
              "Each cell compares loss and gradients with the float64 reference (cebench/reference.py). "
              "For *all ignored* PyTorch's mean is NaN; the loss each implementation returns is shown.", "",

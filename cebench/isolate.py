@@ -176,6 +176,8 @@ def _worker_main(conn, impl_name: str, impl_source: str, plugins: list[str], dev
     except Exception as exc:
         conn.send(("load_failed", f"{type(exc).__name__}: {exc}"))
         return
+    for module in ("cebench.runner", "cebench.conformance"):  # task modules: imported before any time limit runs
+        importlib.import_module(module)
     conn.send(("ready",))
     while True:
         try:
@@ -205,6 +207,12 @@ def _redirect_output(log_path: str) -> None:
 
 
 def _die_with_parent() -> None:
+    try:  # a crashing plugin must not spend seconds writing a core file of a process holding torch
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    except (ImportError, ValueError, OSError):
+        pass
     if sys.platform.startswith("linux"):
         try:
             ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG

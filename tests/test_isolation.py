@@ -1,0 +1,163 @@
+"""A crash in one implementation is a result: the run finishes and keeps everyone else's rows.
+
+Every failure comes from a plugin file in tests/plugins/ (public contract only): an abort,
+a segfault, sys.exit(3), an endless loop (time limit), out-of-memory errors, a plain
+exception, and a plugin that does not even import. One CLI run holds them all next to a
+correct implementation. Then --resume: a run killed with SIGKILL is finished without
+redoing its finished cells.
+"""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from cebench.results import read_results
+
+ROOT = Path(__file__).resolve().parent.parent
+PLUGINS = ROOT / "tests" / "plugins"
+CASES = ("logits N=32 V=101 float32 mean", "logits N=48 V=101 float32 mean")
+MODES = ("forward", "forward+backward")
+SUITE = """
+name = "crashes"
+device = "cpu"
+[timing]
+warmup = 0
+min_repeats = 2
+max_repeats = 2
+min_time_s = 0.0
+[[sweep]]
+family = "logits"
+N = [32, 48]
+V = [101]
+modes = ["forward", "forward+backward"]
+"""
+CRASHES = {  # implementation -> (status, text the agreement row's reason must contain)
+    "crash_abort": ("failed", "signal SIGABRT"),
+    "crash_segfault": ("failed", "signal SIGSEGV"),
+    "crash_exit": ("failed", "exited with code 3"),
+    "hang": ("timeout", "time limit of 8 s"),
+    "raises": ("failed", "RuntimeError: planted: kernel launch failed"),
+    "oom_torch": ("oom", "OutOfMemoryError"),
+    "oom_host": ("oom", "MemoryError"),
+}
+PLUGIN_FILES = ("crash_abort", "crash_segfault", "crash_exit", "hang", "raises", "oom", "import_fails")
+
+
+def cebench_cli(*args, timeout=600):
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    return subprocess.run([sys.executable, "-m", "cebench", *map(str, args)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def _plugins(names):
+    return [a for name in names for a in ("--plugin", PLUGINS / f"{name}.py")]
+
+
+@pytest.fixture(scope="module")
+def crash_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("crashes")
+    (tmp / "crashes.toml").write_text(SUITE)
+    proc = cebench_cli("run", "--suite", tmp / "crashes.toml", "--impl", ",".join(["torch", *CRASHES]),
+                       *_plugins(PLUGIN_FILES), "--timeout", 8, "--out", tmp, "--no-report")
+    return proc, read_results(Path(proc.stdout.strip().splitlines()[-1]))
+
+
+def test_run_finishes_with_exit_code_1(crash_run):
+    proc, _ = crash_run
+    assert proc.returncode == 1, proc.stderr
+
+
+@pytest.mark.parametrize("impl", sorted(CRASHES))
+def test_each_crash_is_recorded_with_its_cause_for_every_case(crash_run, impl):
+    _, frame = crash_run
+    status, text = CRASHES[impl]
+    for case in CASES:  # the second case gets a fresh worker after the first one died
+        rows = frame[(frame["impl"] == impl) & (frame["case"] == case)]
+        check = rows[rows["metric"] == "agreement"]
+        assert len(check) == 1 and check.iloc[0]["status"] == status, rows.to_dict("records")
+        assert text in check.iloc[0]["reason"]
+        assert set(rows[rows["metric"] == "time"]["mode"]) == set(MODES)  # every mode has a row
+
+
+def test_segfault_reason_points_at_the_plugin_line(crash_run):
+    _, frame = crash_run
+    reason = frame[(frame["impl"] == "crash_abort") & (frame["metric"] == "agreement")].iloc[0]["reason"]
+    assert "crash_abort.py:" in reason
+
+
+def test_correct_implementation_keeps_all_its_rows(crash_run):
+    _, frame = crash_run
+    torch_rows = frame[frame["impl"] == "torch"]
+    assert (torch_rows["status"] == "ok").all()
+    for case in CASES:
+        timed = torch_rows[(torch_rows["case"] == case) & (torch_rows["metric"] == "time")]
+        assert set(timed["mode"]) == set(MODES)
+
+
+def test_plugin_that_fails_to_import_is_named_and_the_rest_run(crash_run):
+    proc, frame = crash_run
+    assert "import_fails.py failed to import" in proc.stderr
+    assert "cebench_no_such_dependency" in proc.stderr
+    assert "never_registered" not in set(frame["impl"])
+
+
+SLOW = """
+name = "resume"
+device = "cpu"
+[timing]
+warmup = 0
+min_repeats = 1
+max_repeats = 1
+min_time_s = 0.0
+[[sweep]]
+family = "logits"
+N = [16, 24, 40]
+V = [33]
+modes = ["forward"]
+"""
+
+
+def test_resume_after_sigkill_redoes_only_unfinished_cells(tmp_path):
+    (tmp_path / "resume.toml").write_text(SLOW)
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    args = [sys.executable, "-m", "cebench", "run", "--suite", tmp_path / "resume.toml", "--impl", "torch",
+            "--out", tmp_path, "--no-report", "--no-isolate"]
+    proc = subprocess.Popen(list(map(str, args)), cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 300
+    results = None
+    while time.monotonic() < deadline and proc.poll() is None:  # kill it once the first cell is finished
+        found = list(tmp_path.glob("*/results.csv"))
+        if found and found[0].read_text().count(",forward,time,") >= 1:
+            results = found[0]
+            break
+        time.sleep(0.05)
+    if proc.poll() is not None:
+        pytest.skip("the run finished before it could be killed")
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    before = read_results(results.parent)
+    finished_before = set(before[before["metric"] == "time"]["case"])
+    assert 1 <= len(finished_before) < 3
+    kept = results.read_text().splitlines()[1:]
+    done = cebench_cli("run", "--resume", results.parent)
+    assert done.returncode == 0, done.stderr
+    assert f"resuming: {len(finished_before)} of 3 cell(s) already finished" in done.stderr
+    after = read_results(results.parent)
+    checks = after[after["metric"] == "agreement"]
+    assert sorted(checks["case"]) == sorted(set(checks["case"])) and len(checks) == 3  # each cell once
+    assert len(after[after["metric"] == "time"]) == 3
+    text = results.read_text()
+    for line in kept:  # rows of cells finished before the kill are kept as they were
+        if any(case in line for case in finished_before):
+            assert line in text
+
+
+def test_resume_refuses_other_arguments(tmp_path):
+    proc = cebench_cli("run", "--resume", tmp_path, "--impl", "torch")
+    assert proc.returncode == 2
+    assert "--resume takes the run's arguments" in proc.stderr
