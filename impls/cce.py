@@ -6,7 +6,8 @@ writes the logits to memory.
 `cce` is impl="cce": Triton kernels that compute each row's log-sum-exp block by block
 in the forward and recompute the logits blocks in the backward. They need a CUDA device:
 the package's own CPU path is the torch.compile one below, so without CUDA `cce` reports
-itself unavailable with that reason (nothing is imported or launched). Its backward skips
+itself unavailable with that reason (nothing is imported or launched). Its backward takes
+bf16/fp16 hidden states only. Its backward skips
 vocabulary blocks whose softmax is below `filter_eps` (the library default "high":
 finfo(dtype).eps / 32); that approximation is part of what is benchmarked, as users get it.
 
@@ -68,7 +69,9 @@ OPTIONS = dict(family="linear", reductions=("mean", "sum", "none"), ignore_index
                z_loss=False, softcap=True)
 
 
-@cebench.register(name="cce", **OPTIONS, devices=("cuda",), uses_triton=True,
+# dtypes: the cce backward asserts "Backwards requires embeddings to be bf16 or fp16"
+# (cce_backward.py), so float32 hidden states are not supported by impl="cce".
+@cebench.register(name="cce", **OPTIONS, devices=("cuda",), dtypes=("bfloat16", "float16"), uses_triton=True,
                   requires=("cut_cross_entropy", "triton"), available=cuda_present,
                   description="Cut Cross-Entropy (impl='cce'): Triton, logits never in memory, filtered backward")
 def cce(hidden, weight, targets, *, reduction="mean", ignore_index=-100, softcap=None):
