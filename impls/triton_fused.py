@@ -16,8 +16,8 @@ NaN loss and a zero gradient), label smoothing (1-ε)·nll + ε·mean_c(-log p_c
 logit softcap z = c·tanh(x/c). Inputs fp32/bf16/fp16, any V (V=1 included), any N.
 
 The shared kernel entry point `fused_ce_rows` is also used by triton_fused_linear.py.
-Triton is imported lazily-guarded so `import cebench` works without it: the
-implementation then registers and reports itself unavailable. On CPU the kernel runs only
+The Triton import is guarded so `import cebench` works without triton: the
+implementation then still registers and reports itself unavailable. On CPU the kernel runs only
 in the Triton interpreter, which must be switched on (TRITON_INTERPRET=1) before import.
 """
 
@@ -194,7 +194,7 @@ def launch_config(n_rows: int, n_cols: int, device: torch.device) -> tuple[int, 
         return 1, block_v, 8 if block_v >= 4096 else 4
     # measured in the interpreter (N=256, V=4099): 256×1024 tiles (5 blocks, two passes) cost
     # no more than 64×8192 single-block tiles, whose padding to a power of two wastes half the
-    # work; few rows leave room for wide blocks. Numpy caps a tile at 2^20 elements.
+    # work; few rows leave room for wide blocks. Triton caps a tile at 2^20 elements.
     block_n = min(triton.next_power_of_2(n_rows), 256)
     block_v = min(v_pow2, max(1024, (1 << 18) // block_n))
     return block_n, block_v, 1
