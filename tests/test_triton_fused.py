@@ -14,6 +14,7 @@ import sys
 import pytest
 import torch
 
+from cebench import registry
 from cebench.cases import IGNORE_INDEX, Case, make_grad_output, make_inputs
 from cebench.reference import compare, reference
 from cebench.runner import call, fresh_inputs
@@ -206,3 +207,17 @@ def test_unavailable_on_cpu_without_the_interpreter(impls, fused, monkeypatch):
         assert "TRITON_INTERPRET=1" in impls[name].unavailable_reason()
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert impls["triton_fused"].unavailable_reason() is None
+
+
+def test_registers_and_reports_unavailable_without_triton(impls, monkeypatch):
+    # a fresh registry and fresh copies of both files, loaded while `import triton` fails;
+    # monkeypatch puts the real modules and registry back afterwards
+    monkeypatch.setattr(registry, "_REGISTRY", {})
+    for name in ("triton", "triton.language"):
+        monkeypatch.setitem(sys.modules, name, None)
+    for stem in ("triton_fused", "triton_fused_linear"):
+        monkeypatch.delitem(sys.modules, f"cebench_plugin_{stem}")
+    for stem in ("triton_fused", "triton_fused_linear"):
+        registry.load_file(registry.BUILTIN_DIR / f"{stem}.py")
+    for name in ("triton_fused", "triton_fused_linear"):
+        assert registry.registry()[name].unavailable_reason() == "triton is not installed"
