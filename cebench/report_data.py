@@ -171,6 +171,10 @@ def _fmt(value: float) -> str:
     return f"{value:.3f}" if value >= 0.01 else f"{value:.2e}"
 
 
+def _ratio(ratio: float) -> str:
+    return f"{ratio:.0f}×" if ratio >= 10 else f"{ratio:.2g}×"
+
+
 def _time_cell(row: dict | None, notes: _Notes) -> Cell:
     if row is None:
         return Cell("—", "absent")
@@ -210,7 +214,7 @@ def memory_table(frame: pd.DataFrame, family: str) -> Table:
                 cells.append(notes.cell(time) if time is not None and time["status"] != "ok" else Cell("—", "absent"))
                 continue
             ratio = memory_model.memory_ratio(mem["value"], memory_model.floor_for_row(mem))
-            text = f"{_fmt(mem['value'])} ({ratio:.1f}× floor)" if ratio is not None else _fmt(mem["value"])
+            text = f"{_fmt(mem['value'])} ({_ratio(ratio)} floor)" if ratio is not None else _fmt(mem["value"])
             cells.append(Cell(text, "ok" if mem["trusted"] else "untrusted", "", int(mem["line"])))
         body.append(cells)
     return Table("Peak memory (MiB above the inputs, and ÷ the floor of the memory model)",
