@@ -299,7 +299,7 @@ def problems(frame: pd.DataFrame) -> list[dict]:
 
 PROVENANCE_KEYS = ("device_name", "device", "cuda", "driver", "torch", "triton", "liger_kernel", "cut_cross_entropy",
                    "python", "cpu", "torch_threads", "triton_interpret", "git_commit", "git_dirty", "suite",
-                   "suite_hash", "time", "copy_bandwidth_gbps", "matmul_tflops_bf16")
+                   "suite_hash", "time", "copy_bandwidth_gbps", "matmul_tflops_bf16", "probe", "probe_error")
 
 
 def provenance(env: dict) -> list[tuple[str, str]]:
