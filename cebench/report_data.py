@@ -291,10 +291,29 @@ def family_tables(frame: pd.DataFrame, family: str) -> list[Table]:
 
 
 def problems(frame: pd.DataFrame) -> list[dict]:
-    """Disagreements and failures, loudly at the top of every report."""
+    """Disagreements and failures, loudly at the top of every report: one entry per implementation × case,
+    with the first problem's status and reason (later modes usually just say they did not run) and every row."""
     bad = frame[frame["status"].isin(["failed", "oom", "timeout"])]
-    return [{"impl": r["impl"], "case": r["case"], "mode": r["mode"], "status": r["status"],
-             "reason": r["reason"], "line": int(r["line"])} for r in bad.to_dict("records")]
+    out = []
+    for (impl, case), group in bad.groupby(["impl", "case"], sort=False):
+        first = group.iloc[0]
+        out.append({"impl": impl, "case": case, "status": first["status"], "reason": first["reason"],
+                    "modes": ", ".join(dict.fromkeys(group["mode"])), "lines": _lines(group["line"])})
+    return out
+
+
+def _lines(lines) -> str:
+    """Line numbers as compact ranges: 3, 7–9."""
+    numbers, parts = sorted(int(n) for n in lines), []
+    start = prev = numbers[0]
+    for n in numbers[1:] + [None]:
+        if n is not None and n == prev + 1:
+            prev = n
+            continue
+        parts.append(str(start) if start == prev else f"{start}–{prev}")
+        if n is not None:
+            start = prev = n
+    return ", ".join(parts)
 
 
 PROVENANCE_KEYS = ("device_name", "device", "cuda", "driver", "torch", "triton", "liger_kernel", "cut_cross_entropy",

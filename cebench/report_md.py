@@ -93,8 +93,8 @@ def markdown(run: Run, figures: dict[str, list], figure_dir: str = "figures") ->
     bad = problems(run.frame)
     if bad:
         lines += ["## ⚠ Failures", ""]
-        lines += [f"- `{p['impl']}` on {p['case']} [{p['mode']}]: **{p['status']}**: {_escape(p['reason'])} "
-                  f"(row {p['line']})" for p in bad] + [""]
+        lines += [f"- `{p['impl']}` on {p['case']} [{p['modes']}]: **{p['status']}**: {_escape(p['reason'])} "
+                  f"(rows {p['lines']})" for p in bad] + [""]
     lines += verdict_lines(run)
     lines += ["## Provenance", "", "| | |", "|---|---|"]
     lines += [f"| {k} | {_escape(v) if k != 'command' else '`' + _escape(v) + '`'} |" for k, v in provenance(run.env)]
