@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 from cebench.cases import Case, differentiable_names, make_grad_output, make_inputs
-from cebench.isolate import Worker, WorkerDied
+from cebench.isolate import Worker, WorkerDied, source_file
 from cebench.reference import compare, reference
 from cebench.registry import Impl
 from cebench.runner import _backward, _describe, call, fresh_inputs, mutated_inputs
@@ -142,22 +142,27 @@ def scenario_task(impl: Impl, scenario: str, device: str) -> Iterator[tuple]:
 
 def run(impls: list[Impl], device: str, plugins=(), timeout: float | None = 120.0, isolate: bool = True,
         log=print, only: list[str] | None = None) -> list[dict]:
-    """Every implementation × scenario (or the `only` ones), one worker per implementation; the cells as rows."""
+    """Every implementation × scenario (or the `only` ones), a worker per implementation file; the cells as rows."""
     scenarios = [s for s in SCENARIOS if only is None or s.name in only]
     rows = []
     log_dir = Path(tempfile.mkdtemp(prefix="cebench-conformance-"))
-    for impl in impls:
+    first = {source_file(i): n for n, i in reversed(list(enumerate(impls)))}
+    worker = None  # one per implementation file at a time, as in `run`
+    for impl in sorted(impls, key=lambda i: first[source_file(i)]):
         if impl.family not in FAMILIES:
             rows += [{"impl": impl.name, "family": impl.family, "scenario": s.name, "status": "n/a",
                       "detail": f"the {impl.family} family needs several processes"} for s in scenarios]
             continue
         log(f"conformance: {impl.name}")
-        worker = Worker(impl.name, impl.source, list(plugins), device, log_dir / f"{impl.name}.log") if isolate else None
+        if isolate and (worker is None or worker.source_file != source_file(impl)):
+            if worker is not None:
+                worker.stop()
+            worker = Worker(source_file(impl), list(plugins), device, log_dir / f"{impl.name}.log")
         for scenario in scenarios:
             rows.append({"impl": impl.name, "family": impl.family, "scenario": scenario.name,
                          **_cell(worker, impl, scenario, device, timeout)})
-        if worker is not None:
-            worker.stop()
+    if worker is not None:
+        worker.stop()
     return rows
 
 
@@ -166,7 +171,7 @@ def _cell(worker, impl: Impl, scenario: Scenario, device: str, timeout) -> dict:
         return evaluate(impl, scenario, device)
     result = {"status": "error", "detail": "the worker sent no result"}
     try:
-        for message in worker.run(("cebench.conformance", "scenario_task",
+        for message in worker.run(("cebench.conformance", "scenario_task", impl.name,
                                    {"scenario": scenario.name, "device": device}), timeout):
             if message[0] == "result":
                 result = message[1]

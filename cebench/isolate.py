@@ -1,13 +1,15 @@
-"""Worker processes: every implementation runs in a process of its own, so a crash is a result.
+"""Worker processes: implementations run outside the main process, so a crash is a result.
 
 A segfault, an abort, `sys.exit`, a CUDA illegal memory access or a device-side assert
 in one implementation must not end the run nor lose anyone else's rows. The parent
-(`Worker`) starts one process per implementation with the "spawn" method (CUDA does
-not survive fork) and reuses it for all of that implementation's tasks, so the torch
-import is paid once per implementation, not once per case.
+(`Worker`) starts one process per implementation file with the "spawn" method (CUDA
+does not survive fork) and reuses it for all the tasks of that file's implementations,
+so the torch import (seconds on a busy machine) is paid once per file, not once per
+case. After a crash the next task, of the same implementation or of a neighbour in its
+file, gets a fresh process.
 
-A task is `(module, function, kwargs)`: the worker imports the function and calls it
-as `function(impl, **kwargs)`; it is a generator whose messages (tuples) are sent back
+A task is `(module, function, impl name, kwargs)`: the worker imports the function and
+calls it as `function(impl, **kwargs)`; it is a generator whose messages (tuples) are sent back
 over a pipe as they are produced, so the parent can write each row at once. After the
 last message the worker sends ("done",). When the process dies instead, or a task runs
 past its time limit (the worker is then killed), `Worker.run` raises `WorkerDied` with
@@ -52,10 +54,10 @@ class WorkerDied(Exception):
 
 
 class Worker:
-    """One implementation's worker process, started on first use and after every death."""
+    """The worker process of one implementation file, started on first use and after every death."""
 
-    def __init__(self, impl_name: str, impl_source: str, plugins: list[str], device: str, log_path: Path):
-        self.impl_name, self.impl_source, self.plugins, self.device = impl_name, impl_source, list(plugins), device
+    def __init__(self, source_file: str, plugins: list[str], device: str, log_path: Path):
+        self.source_file, self.plugins, self.device = source_file, list(plugins), device
         self.log_path = Path(log_path)
         self.proc = None
         self.conn = None
@@ -64,9 +66,8 @@ class Worker:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
         parent_end, child_end = _CTX.Pipe()
-        self.proc = _CTX.Process(target=_worker_main, name=f"cebench-{self.impl_name}", daemon=True,
-                                 args=(child_end, self.impl_name, self.impl_source, self.plugins, self.device,
-                                       str(self.log_path)))
+        self.proc = _CTX.Process(target=_worker_main, name=f"cebench-{Path(self.source_file).stem}", daemon=True,
+                                 args=(child_end, self.source_file, self.plugins, self.device, str(self.log_path)))
         self.proc.start()
         child_end.close()  # so that the parent sees EOF when the child dies
         self.conn = parent_end
@@ -77,12 +78,12 @@ class Worker:
         try:
             message = self.conn.recv()
         except (EOFError, OSError):
-            raise self._death("while loading the implementation") from None
+            raise self._death(f"while loading {self.source_file}") from None
         if message[0] != "ready":
             self.stop(kill=True)
-            raise WorkerDied("failed", f"worker could not load the implementation: {message[1]}")
+            raise WorkerDied("failed", f"worker could not load {self.source_file}: {message[1]}")
 
-    def run(self, task: tuple[str, str, dict], timeout: float | None = None) -> Iterator[tuple]:
+    def run(self, task: tuple[str, str, str, dict], timeout: float | None = None) -> Iterator[tuple]:
         """Messages of `task` as the worker produces them; raises WorkerDied if it never finishes."""
         if self.proc is None or not self.proc.is_alive():
             self._start()
@@ -167,12 +168,12 @@ def _signal_name(number: int) -> str:
 # ---------------------------------------------------------------- inside the worker process
 
 
-def _worker_main(conn, impl_name: str, impl_source: str, plugins: list[str], device: str, log_path: str) -> None:
+def _worker_main(conn, source_file: str, plugins: list[str], device: str, log_path: str) -> None:
     _redirect_output(log_path)
     faulthandler.enable()
     _die_with_parent()
     try:
-        impl = _load_impl(impl_name, impl_source, plugins)
+        _load_source(source_file)
     except Exception as exc:
         conn.send(("load_failed", f"{type(exc).__name__}: {exc}"))
         return
@@ -181,11 +182,12 @@ def _worker_main(conn, impl_name: str, impl_source: str, plugins: list[str], dev
     conn.send(("ready",))
     while True:
         try:
-            module, function, kwargs = conn.recv()
+            module, function, impl_name, kwargs = conn.recv()
         except (EOFError, OSError, KeyboardInterrupt):
             return
         task = getattr(importlib.import_module(module), function)
         try:
+            impl = _find_impl(impl_name, plugins)
             for message in task(impl, **kwargs):
                 conn.send(message)
         except Exception:  # a harness error inside the task: report it, keep the worker
@@ -220,22 +222,27 @@ def _die_with_parent() -> None:
             pass
 
 
-def _load_impl(name: str, source: str, plugins: list[str]):
-    """The implementation named `name`: load only its own file when possible, else everything."""
+def _load_source(source_file: str) -> None:
+    """Import the implementation file by path (only it: the other plugins need not load here)."""
     from cebench import registry
 
-    path = source.rsplit(":", 1)[0]
-    if path and Path(path).is_file():
-        try:
-            registry.load_file(path)
-        except Exception:
-            pass
-    impl = registry.registry().get(name)
-    if impl is None:
-        impl = registry.load_all(plugins).get(name)
+    if source_file and Path(source_file).is_file():
+        registry.load_file(source_file)
+
+
+def _find_impl(name: str, plugins: list[str]):
+    """The implementation named `name`; loads every plugin if its file did not define it."""
+    from cebench import registry
+
+    impl = registry.registry().get(name) or registry.load_all(plugins).get(name)
     if impl is None:
         raise LookupError(f"implementation {name!r} not found after loading its plugins")
     return impl
+
+
+def source_file(impl) -> str:
+    """The file an implementation was defined in: the unit a worker process serves."""
+    return impl.source.rsplit(":", 1)[0]
 
 
 def _cuda_poisoned(device: str) -> str | None:

@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from cebench.cases import Case, differentiable_names, make_grad_output, make_inputs
-from cebench.isolate import Worker, WorkerDied
+from cebench.isolate import Worker, WorkerDied, source_file
 from cebench.measure import TimingPlan, peak_memory, time_callable
 from cebench.reference import compare, reference
 from cebench.registry import Impl
@@ -297,18 +297,21 @@ def cell_task(impl: Impl, case: Case, modes, device: str, plan: TimingPlan) -> I
 
 def _run_isolated(todo, plan, device, writer, emit, log, plugins, timeout, log_dir) -> None:
     log_dir = Path(log_dir) if log_dir else Path(tempfile.mkdtemp(prefix="cebench-logs-"))
-    order = {impl.name: i for i, (_, _, impl) in enumerate(todo)}
-    todo = sorted(todo, key=lambda c: order[c[2].name])  # stable: implementation by implementation
+    files = {source_file(c[2]): i for i, c in reversed(list(enumerate(todo)))}
+    impls = {c[2].name: i for i, c in reversed(list(enumerate(todo)))}
+    # file by file (one worker each), implementation by implementation within a file
+    todo = sorted(todo, key=lambda c: (files[source_file(c[2])], impls[c[2].name]))
     worker, index = None, 0
     for case, modes, impl in todo:
         index += 1
-        if worker is None or worker.impl_name != impl.name:
+        if worker is None or worker.source_file != source_file(impl):
             if worker is not None:
                 worker.stop()
-            worker = Worker(impl.name, impl.source, list(plugins), device, log_dir / f"{_safe(impl.name)}.log")
+            log_name = _safe(Path(source_file(impl)).stem or impl.name)
+            worker = Worker(source_file(impl), list(plugins), device, log_dir / f"{log_name}.log")
         log(f"[{index}/{len(todo)}] {impl.name} on {case.id}")
         seen: set[tuple[str, str]] = set()
-        task = ("cebench.runner", "cell_task", {"case": case, "modes": modes, "device": device, "plan": plan})
+        task = ("cebench.runner", "cell_task", impl.name, {"case": case, "modes": modes, "device": device, "plan": plan})
         try:
             for message in worker.run(task, timeout):
                 if message[0] == "row":
