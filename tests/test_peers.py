@@ -30,10 +30,13 @@ def _declared_options(impl) -> dict:
 
 
 def _cases(impl):
-    """Every declared reduction in fp32, each declared option alone and all together, and the
-    options in the narrowest other dtype declared: a handful of cases, not the full product
-    (the peers run through the Triton interpreter or compile per variant, both slow on CPU)."""
-    def case(dtype="float32", reduction="mean", **options):
+    """Every declared reduction in fp32 (or the first dtype declared), each declared option alone
+    and all together, and the options in one other declared dtype: a handful of cases, not the
+    full product (the peers run through the Triton interpreter or compile per variant, both
+    slow on CPU)."""
+    base = "float32" if "float32" in impl.dtypes else impl.dtypes[0]
+
+    def case(dtype=base, reduction="mean", **options):
         return Case(impl.family, **SHAPE[impl.family], dtype=dtype, reduction=reduction, ignore_frac=0.2, **options)
 
     declared = _declared_options(impl)
@@ -41,9 +44,9 @@ def _cases(impl):
     cases += [case(**{k: v}) for k, v in declared.items()]
     if len(declared) > 1:
         cases.append(case(reduction=impl.reductions[-1], **declared))
-    low = [d for d in ("bfloat16", "float16") if d in impl.dtypes]
-    if low:
-        cases.append(case(dtype=low[0], **declared))
+    other = [d for d in ("bfloat16", "float16") if d in impl.dtypes and d != base]
+    if other:
+        cases.append(case(dtype=other[0], **declared))
     return cases
 
 
