@@ -142,19 +142,18 @@ def scenario_task(impl: Impl, scenario: str, device: str) -> Iterator[tuple]:
 
 def run(impls: list[Impl], device: str, plugins=(), timeout: float | None = 120.0, isolate: bool = True,
         log=print, only: list[str] | None = None) -> list[dict]:
-    """Every implementation × scenario (or the `only` ones), a worker per implementation file; the cells as rows."""
+    """Every implementation × scenario (or the `only` ones), a worker per implementation; the cells as rows."""
     scenarios = [s for s in SCENARIOS if only is None or s.name in only]
     rows = []
     log_dir = Path(tempfile.mkdtemp(prefix="cebench-conformance-"))
-    first = {source_file(i): n for n, i in reversed(list(enumerate(impls)))}
-    worker = None  # one per implementation file at a time, as in `run`
-    for impl in sorted(impls, key=lambda i: first[source_file(i)]):
+    worker = None
+    for impl in impls:
         if impl.family not in FAMILIES:
             rows += [{"impl": impl.name, "family": impl.family, "scenario": s.name, "status": "n/a",
                       "detail": f"the {impl.family} family needs several processes"} for s in scenarios]
             continue
         log(f"conformance: {impl.name}")
-        if isolate and (worker is None or worker.source_file != source_file(impl)):
+        if isolate:  # a worker of its own per implementation, as in `run`
             if worker is not None:
                 worker.stop()
             worker = Worker(source_file(impl), list(plugins), device, log_dir / f"{impl.name}.log")

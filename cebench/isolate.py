@@ -2,11 +2,12 @@
 
 A segfault, an abort, `sys.exit`, a CUDA illegal memory access or a device-side assert
 in one implementation must not end the run nor lose anyone else's rows. The parent
-(`Worker`) starts one process per implementation file with the "spawn" method (CUDA
-does not survive fork) and reuses it for all the tasks of that file's implementations,
-so the torch import (seconds on a busy machine) is paid once per file, not once per
-case. After a crash the next task, of the same implementation or of a neighbour in its
-file, gets a fresh process.
+(`Worker`) starts one process per implementation and reuses it for all of that
+implementation's tasks; after a crash the next task gets a fresh process. CUDA does not
+survive a fork, so workers come from multiprocessing's "forkserver": a fresh process
+that imports torch once (without touching CUDA) and forks a worker per request, so the
+seconds of the torch import are paid once per run, not once per worker (a worker then
+starts in milliseconds; "spawn" where there is no forkserver).
 
 A task is `(module, function, impl name, kwargs)`: the worker imports the function and
 calls it as `function(impl, **kwargs)`; it is a generator whose messages (tuples) are sent back
@@ -40,7 +41,18 @@ import traceback
 from collections.abc import Iterator
 from pathlib import Path
 
-_CTX = multiprocessing.get_context("spawn")
+
+def _context():
+    """forkserver where there is one: a clean server process (spawned, never touching CUDA) imports
+    torch once, and every worker is a fork of it, ready in milliseconds instead of seconds; else spawn."""
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context("spawn")
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(["torch", "cebench.runner", "cebench.conformance"])
+    return ctx
+
+
+_CTX = _context()
 _TAIL_CHARS = 400
 STARTUP_TIMEOUT_S = 300.0
 
@@ -54,7 +66,7 @@ class WorkerDied(Exception):
 
 
 class Worker:
-    """The worker process of one implementation file, started on first use and after every death."""
+    """A worker process that serves implementations from one file; started on first use and after every death."""
 
     def __init__(self, source_file: str, plugins: list[str], device: str, log_path: Path):
         self.source_file, self.plugins, self.device = source_file, list(plugins), device
@@ -151,7 +163,7 @@ class Worker:
                 self.conn.close()  # the worker sees EOF and returns
             except OSError:
                 pass
-            self.proc.join(5)
+            self.proc.join(10)
             if self.proc.is_alive():
                 self.proc.kill()
         self.proc.join(10)

@@ -297,18 +297,16 @@ def cell_task(impl: Impl, case: Case, modes, device: str, plan: TimingPlan) -> I
 
 def _run_isolated(todo, plan, device, writer, emit, log, plugins, timeout, log_dir) -> None:
     log_dir = Path(log_dir) if log_dir else Path(tempfile.mkdtemp(prefix="cebench-logs-"))
-    files = {source_file(c[2]): i for i, c in reversed(list(enumerate(todo)))}
-    impls = {c[2].name: i for i, c in reversed(list(enumerate(todo)))}
-    # file by file (one worker each), implementation by implementation within a file
-    todo = sorted(todo, key=lambda c: (files[source_file(c[2])], impls[c[2].name]))
-    worker, index = None, 0
+    order = {c[2].name: i for i, c in reversed(list(enumerate(todo)))}
+    todo = sorted(todo, key=lambda c: order[c[2].name])  # stable: implementation by implementation
+    worker, current, index = None, None, 0
     for case, modes, impl in todo:
         index += 1
-        if worker is None or worker.source_file != source_file(impl):
+        if current != impl.name:  # a worker of its own per implementation
             if worker is not None:
                 worker.stop()
-            log_name = _safe(Path(source_file(impl)).stem or impl.name)
-            worker = Worker(source_file(impl), list(plugins), device, log_dir / f"{log_name}.log")
+            worker = Worker(source_file(impl), list(plugins), device, log_dir / f"{_safe(impl.name)}.log")
+            current = impl.name
         log(f"[{index}/{len(todo)}] {impl.name} on {case.id}")
         seen: set[tuple[str, str]] = set()
         task = ("cebench.runner", "cell_task", impl.name, {"case": case, "modes": modes, "device": device, "plan": plan})
