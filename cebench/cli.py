@@ -202,7 +202,7 @@ def parser() -> argparse.ArgumentParser:
                           "a suite's world_size values above K are skipped (default 1)")
     run.add_argument("--timeout", type=float,
                      help=f"seconds one implementation may spend on one case before it is killed and recorded as "
-                          f"timeout (default {DEFAULT_TIMEOUT_S:g}; 0: no limit)")
+                          f"timeout (default {DEFAULT_TIMEOUT_S:g}; 0: no limit; needs isolation)")
     run.add_argument("--no-isolate", action="store_true",
                      help="run implementations in this process (debugging: a crash then ends the run)")
     run.add_argument("--resume", metavar="RUN_DIR", help="finish an interrupted run, skipping its finished cells")

@@ -318,7 +318,8 @@ def _run_isolated(todo, plan, device, writer, emit, log, plugins, timeout, log_d
                 elif message[0] == "samples":
                     writer.write_samples(message[1], message[2])
                 elif message[0] == "error":
-                    _finish_cell(impl, case, modes, device, plan, seen, "failed", "harness error: " + message[1], emit)
+                    last = message[1].strip().splitlines()[-1]  # the exception line of the traceback
+                    _finish_cell(impl, case, modes, device, plan, seen, "failed", "harness error: " + last, emit)
                 elif message[0] == "poisoned":
                     log(f"  worker for {impl.name} restarted: CUDA context unusable after {message[1]}")
         except WorkerDied as death:
