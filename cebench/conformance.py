@@ -16,7 +16,8 @@ float64 reference (cebench.reference, NaN agreeing with NaN):
   non-contiguous   column-major logits (hidden and weight for the linear family)
   int32 targets    targets as int32 instead of int64
 
-Each cell is `agrees`, `differs` (with the worst error), `unsupported` (the declaration
+Each cell is `agrees`, `differs` (with the worst error, or inputs mutated against the
+declaration), `unsupported` (the declaration
 says so), `error` (with the message: an exception, a crash or a time-out) or `n/a`
 (the scenario does not apply to the family). Inputs are validated before any call.
 The result is a Markdown table plus a tidy CSV, written to reports/conformance/.
@@ -38,7 +39,7 @@ from cebench.cases import Case, differentiable_names, make_grad_output, make_inp
 from cebench.isolate import Worker, WorkerDied, source_file
 from cebench.reference import compare, reference
 from cebench.registry import Impl
-from cebench.runner import _backward, _describe, call, fresh_inputs, mutated_inputs
+from cebench.runner import MUTATION_LIE, _backward, _describe, call, fresh_inputs, mutated_inputs
 from cebench.validate import check_inputs
 
 REPORTS_DIR = Path(__file__).resolve().parent.parent / "reports" / "conformance"
@@ -129,10 +130,13 @@ def evaluate(impl: Impl, scenario: Scenario, device: str) -> dict:
     if scenario.name == "all ignored":
         detail = f"returns loss {value!r} (PyTorch: nan); {detail}"
     mutated = mutated_inputs(inputs, call_inputs)
-    if mutated:
-        detail += f"; mutated {', '.join(mutated)}"
-    return {"status": "agrees" if ok else "differs", "detail": detail, "rel_err": worst.rel_err, "loss": value,
-            "mutated": bool(mutated)}
+    lied = bool(mutated) and not impl.mutates_inputs
+    if lied:
+        detail = f"{MUTATION_LIE} (mutated: {', '.join(mutated)}); {detail}"
+    elif mutated:
+        detail += f"; mutated {', '.join(mutated)} (declared)"
+    return {"status": "agrees" if ok and not lied else "differs", "detail": detail, "rel_err": worst.rel_err,
+            "loss": value, "mutated": bool(mutated)}
 
 
 def scenario_task(impl: Impl, scenario: str, device: str) -> Iterator[tuple]:

@@ -64,9 +64,9 @@ def test_markdown_table_has_a_row_per_implementation(builtin_rows):
 
 
 def test_planted_bug_and_crash_in_workers():
-    registry.load_all([str(PLUGINS / "bug_ignored_as_zero.py"), str(PLUGINS / "crash_segfault.py")])
-    impls = registry.select(["bug_ignored_as_zero", "crash_segfault", "torch"])
-    plugins = [str(PLUGINS / "bug_ignored_as_zero.py"), str(PLUGINS / "crash_segfault.py")]
+    plugins = [str(PLUGINS / f"{n}.py") for n in ("bug_ignored_as_zero", "crash_segfault", "bug_mutation_lie")]
+    registry.load_all(plugins)
+    impls = registry.select(["bug_ignored_as_zero", "crash_segfault", "bug_mutation_lie", "torch"])
     rows = conformance.run(impls, "cpu", plugins, only=["some ignored", "odd V"], log=lambda _: None)
     cells = {(r["impl"], r["scenario"]): r for r in rows}
     assert cells[("bug_ignored_as_zero", "some ignored")]["status"] == "differs"
@@ -75,6 +75,8 @@ def test_planted_bug_and_crash_in_workers():
         assert cells[("crash_segfault", scenario)]["status"] == "error"
         assert "SIGSEGV" in cells[("crash_segfault", scenario)]["detail"]
         assert cells[("torch", scenario)]["status"] == "agrees"
+        lie = cells[("bug_mutation_lie", scenario)]
+        assert lie["status"] == "differs" and "declared mutates_inputs=False" in lie["detail"]
 
 
 def test_cli_writes_the_table(tmp_path):
