@@ -48,7 +48,8 @@ def _context():
     if "forkserver" not in multiprocessing.get_all_start_methods():
         return multiprocessing.get_context("spawn")
     ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(["torch", "cebench.runner", "cebench.conformance"])
+    # torch._dynamo too: the CPU memory profiler imports it on first use (~2 s), as does torch.compile
+    ctx.set_forkserver_preload(["torch", "torch._dynamo", "cebench.runner", "cebench.conformance"])
     return ctx
 
 

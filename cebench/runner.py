@@ -24,6 +24,7 @@ from __future__ import annotations
 import os
 import sys
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +33,7 @@ import torch
 
 from cebench.cases import Case, differentiable_names, make_grad_output, make_inputs
 from cebench.isolate import Worker, WorkerDied, source_file
-from cebench.measure import TimingPlan, peak_memory, time_callable
+from cebench.measure import Timing, TimingPlan, peak_memory, time_callable
 from cebench.reference import compare, reference
 from cebench.registry import Impl
 from cebench.validate import check_inputs
@@ -109,8 +110,6 @@ class CellRunner:
         self.pristine, self.ref, self.grad_output, self.on_samples = pristine, ref, grad_output, on_samples
         self.trusted = True
         self.interpreted = impl.uses_triton and os.environ.get("TRITON_INTERPRET") == "1"
-        if self.interpreted:  # interpreter timings mean nothing: one call is enough to show it runs
-            self.plan = TimingPlan(warmup=0, min_repeats=1, max_repeats=1, min_time_s=0.0)
 
     def row(self, mode: str, metric: str, status: str = "ok", **values) -> dict:
         case = self.case
@@ -134,8 +133,22 @@ class CellRunner:
         if not ran:
             yield from self._status_rows("skipped", "agreement check did not run", include_check=False)
             return
+        measured = self._modes_to_measure()
         for mode in self.modes:
-            yield from self._measure(mode)
+            if mode in measured:
+                yield from self._measure(mode)
+            else:
+                yield self.row(mode, "time", "skipped", unit="ms", reason=INTERPRETER_SKIP)
+
+    def _modes_to_measure(self) -> tuple[str, ...]:
+        """Every mode; in the Triton interpreter only one (forward+backward where asked), measured once.
+
+        Interpreter timings mean nothing and each call costs seconds: the check above is what
+        the interpreter is for, and one measured mode shows the memory and that it runs.
+        """
+        if not self.interpreted:
+            return tuple(self.modes)
+        return ("forward+backward",) if "forward+backward" in self.modes else tuple(self.modes[-1:])
 
     def _status_rows(self, status: str, reason: str, include_check: bool = True) -> Iterator[dict]:
         if include_check:
@@ -177,11 +190,15 @@ class CellRunner:
         try:
             inputs = fresh_inputs(self.pristine, self.case)
             setup, measured = mode_callables(self.impl, self.case, mode, inputs, self.pristine, self.grad_output)
+            began = time.perf_counter()
             memory = peak_memory(measured, self.device, self.case.input_bytes(), setup=setup)
-            leaves = [inputs[n] for n in differentiable_names(self.case)]
-            needs_setup = mode == "backward" or self.impl.mutates_inputs
-            timing = time_callable(measured if needs_setup else (lambda: measured(None)), self.device, self.plan,
-                                   grad_to_none=leaves, setup=setup if needs_setup else None)
+            if self.interpreted:  # one interpreted call costs seconds and its time means nothing: reuse it
+                timing = Timing([(time.perf_counter() - began) * 1e3])
+            else:
+                leaves = [inputs[n] for n in differentiable_names(self.case)]
+                needs_setup = mode == "backward" or self.impl.mutates_inputs
+                timing = time_callable(measured if needs_setup else (lambda: measured(None)), self.device,
+                                       self.plan, grad_to_none=leaves, setup=setup if needs_setup else None)
         except Exception as exc:
             yield self.row(mode, "time", _failure_status(exc), unit="ms", reason=_describe(exc))
             return
@@ -201,6 +218,9 @@ class CellRunner:
         # the time row comes last: its presence marks the mode finished (see --resume)
         yield self.row(mode, "time", unit="ms", value=timing.median, p20=timing.quantile(0.2),
                        p80=timing.quantile(0.8), n=len(timing.samples_ms), reason=note)
+
+
+INTERPRETER_SKIP = "Triton interpreter on CPU: only forward+backward is measured (timings not meaningful)"
 
 
 def _failure_status(exc: BaseException) -> str:

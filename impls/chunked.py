@@ -39,7 +39,13 @@ class Options:
         valid = targets != self.ignore_index
         lse = torch.logsumexp(z, dim=-1)
         z_t = z.gather(1, torch.where(valid, targets, 0).unsqueeze(1)).squeeze(1)
-        loss = (1 - self.eps) * (lse - z_t) + self.eps * (lse - z.mean(dim=-1)) + self.z_loss * lse**2
+        loss = (1 - self.eps) * (lse - z_t)
+        # each optional term only when asked for: with -inf or near-max logits an unused term
+        # would be 0 · inf = NaN (the mean of z, or lse² in fp32)
+        if self.eps:
+            loss = loss + self.eps * (lse - z.mean(dim=-1))
+        if self.z_loss:
+            loss = loss + self.z_loss * lse**2
         return torch.where(valid, loss, 0.0), lse
 
     def rows_grad(self, x32, z, lse, targets, row_scale) -> torch.Tensor:

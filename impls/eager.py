@@ -43,7 +43,9 @@ def manual_logsoftmax(logits, targets, *, reduction="mean", ignore_index=-100, l
     lse_shifted = shifted.exp().sum(dim=-1).log()
     log_probs = shifted - lse_shifted.unsqueeze(1)
     nll = -log_probs.gather(1, torch.where(valid, targets, 0).unsqueeze(1)).squeeze(1)
-    rows = (1 - label_smoothing) * nll + label_smoothing * -log_probs.mean(dim=-1)
+    rows = (1 - label_smoothing) * nll
+    if label_smoothing:  # only then: with -inf logits the mean of log p is -inf, and 0 · inf = NaN
+        rows = rows + label_smoothing * -log_probs.mean(dim=-1)
     if z_loss:
         lse = lse_shifted + z.amax(dim=-1).detach()
         rows = rows + z_loss * lse**2
