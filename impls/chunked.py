@@ -37,13 +37,15 @@ class Options:
     def rows_loss(self, z: torch.Tensor, targets: torch.Tensor):
         """Per-row loss (0 on ignored rows) and log-sum-exp of fp32 capped logits `z`."""
         valid = targets != self.ignore_index
-        lse = torch.logsumexp(z, dim=-1)
+        m = z.amax(dim=-1)
+        log_s = torch.logsumexp(z - m.unsqueeze(1), dim=-1)
+        lse = m + log_s
         z_t = z.gather(1, torch.where(valid, targets, 0).unsqueeze(1)).squeeze(1)
-        loss = (1 - self.eps) * (lse - z_t)
+        loss = (1 - self.eps) * ((m - z_t) + log_s)  # differences against m first: they survive large |z|
         # each optional term only when asked for: with -inf or near-max logits an unused term
         # would be 0 · inf = NaN (the mean of z, or lse² in fp32)
         if self.eps:
-            loss = loss + self.eps * (lse - z.mean(dim=-1))
+            loss = loss + self.eps * ((m - z.mean(dim=-1)) + log_s)
         if self.z_loss:
             loss = loss + self.z_loss * lse**2
         return torch.where(valid, loss, 0.0), lse
@@ -51,8 +53,11 @@ class Options:
     def rows_grad(self, x32, z, lse, targets, row_scale) -> torch.Tensor:
         """dLoss/dx for a chunk, each row scaled by row_scale (0 for ignored rows)."""
         valid = targets != self.ignore_index
-        grad = torch.exp(z - lse.unsqueeze(1))
-        grad *= (1 + 2 * self.z_loss * lse).unsqueeze(1)
+        # softmax(z), not exp(z - lse): for large |z| the fp32 lse rounds to the row max and
+        # exp(z - lse) would not sum to 1; lse is only used by the z-loss factor
+        grad = torch.softmax(z, dim=-1)
+        if self.z_loss:
+            grad *= (1 + 2 * self.z_loss * lse).unsqueeze(1)
         grad -= self.eps / z.shape[1]
         grad.scatter_add_(1, torch.where(valid, targets, 0).unsqueeze(1),
                           torch.full((z.shape[0], 1), -(1 - self.eps), device=z.device))

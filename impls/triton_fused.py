@@ -94,11 +94,13 @@ if triton is not None:
         return m_new, s, z_sum
 
     @triton.jit
-    def _block_grad(z, cols, lse, p_scale, scale, safe_t, eps, n_cols, cap,
+    def _block_grad(z, cols, m, p_scale, scale, safe_t, eps, n_cols, cap,
                     HAS_SMOOTHING: tl.constexpr, HAS_SOFTCAP: tl.constexpr):
-        # dL/dz = p·(1 + 2λ·lse) - (1-ε)·onehot - ε/V (p_scale carries the z-loss factor and
-        # scale the row's 1/n_valid or 0), then the softcap chain rule 1 - (z/c)²
-        g = tl.exp(z - lse[:, None]) * p_scale[:, None]
+        # dL/dz = p·(1 + 2λ·lse) - (1-ε)·onehot - ε/V, then the softcap chain rule 1 - (z/c)².
+        # p = exp(z - m) / s: p_scale carries 1/s, the z-loss factor and the row's 1/n_valid
+        # (or 0). Not exp(z - lse): for |m| large, lse = m + log s rounds back to m in fp32
+        # and the softmax would come out unnormalised.
+        g = tl.exp(z - m[:, None]) * p_scale[:, None]
         if HAS_SMOOTHING:
             g -= (eps / n_cols) * scale[:, None]
         g = tl.where(cols[None, :] == safe_t[:, None], g - (1.0 - eps) * scale[:, None], g)
@@ -148,10 +150,12 @@ if triton is not None:
                 m, s, z_sum = _block_stats(z, col_ok, m, s, z_sum, HAS_SMOOTHING)
 
         # 4. Per-row loss: (1-ε)(lse - z_t) + ε(lse - mean z) + λ·lse², zero on ignored rows.
-        lse = m + tl.log(s)
-        loss = lse - z_t
+        #    Differences are taken against m before adding log s, so they survive large |m|.
+        log_s = tl.log(s)
+        lse = m + log_s
+        loss = (m - z_t) + log_s
         if HAS_SMOOTHING:
-            loss = (1.0 - eps) * loss + eps * (lse - z_sum / n_cols)
+            loss = (1.0 - eps) * loss + eps * ((m - z_sum / n_cols) + log_s)
         z_term = lam * lse * lse
         if HAS_ZLOSS:
             loss += z_term
@@ -165,22 +169,22 @@ if triton is not None:
         else:
             scale = 1.0
         scale = tl.where(valid, scale, 0.0)
-        p_scale = scale
+        p_scale = scale / s
         if HAS_ZLOSS:
-            p_scale = scale * (1.0 + 2.0 * lam * lse)
+            p_scale = p_scale * (1.0 + 2.0 * lam * lse)
 
         # 6. Second pass: write the gradient. Each block is read before the same program
         #    writes it, so grad_ptr may be x_ptr itself (the in-place case).
         g_rows = grad_ptr + safe_rows * grad_stride
         if SINGLE_BLOCK:
-            g = _block_grad(z0, cols0, lse, p_scale, scale, safe_t, eps, n_cols, cap, HAS_SMOOTHING, HAS_SOFTCAP)
+            g = _block_grad(z0, cols0, m, p_scale, scale, safe_t, eps, n_cols, cap, HAS_SMOOTHING, HAS_SOFTCAP)
             _store_f32(g_rows[:, None] + cols0[None, :], g, row_ok[:, None] & col_ok0[None, :], BF16_BITS)
         else:
             for start in range(0, n_cols, BLOCK_V):
                 cols = start + tl.arange(0, BLOCK_V)
                 col_ok = cols < n_cols
                 z = _load_z(x_rows, cols, col_ok, cap, HAS_SOFTCAP, BF16_BITS)
-                g = _block_grad(z, cols, lse, p_scale, scale, safe_t, eps, n_cols, cap, HAS_SMOOTHING, HAS_SOFTCAP)
+                g = _block_grad(z, cols, m, p_scale, scale, safe_t, eps, n_cols, cap, HAS_SMOOTHING, HAS_SOFTCAP)
                 _store_f32(g_rows[:, None] + cols[None, :], g, row_ok[:, None] & col_ok[None, :], BF16_BITS)
 
 
