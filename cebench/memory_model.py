@@ -73,8 +73,14 @@ def floor(family: str, mode: str, N: int, V: int, H: int | None, dtype: str) -> 
 
 
 def floor_for_row(row) -> Floor:
-    """The floor of a results.csv row (a dict or a pandas row with family, mode, N, V, H, dtype)."""
-    return floor(row["family"], row["mode"], row["N"], row["V"], row.get("H"), row["dtype"])
+    """The floor of a results.csv row (a dict or a pandas row with family, mode, N, V, H, dtype).
+
+    A vocab-parallel row is measured per rank, so its floor is that of one rank's shard of V."""
+    vocab = int(row["V"])
+    world = _int(row.get("world_size"))
+    if str(row["family"]).startswith("vocab_parallel") and world and world > 1:
+        vocab = -(-vocab // world)
+    return floor(row["family"], row["mode"], row["N"], vocab, row.get("H"), row["dtype"])
 
 
 def achieved_gbps(bytes_moved: int, time_ms: float) -> float:

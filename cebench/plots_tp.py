@@ -7,7 +7,7 @@ appear as points at world size 1, so the figure answers "what does sharding buy 
 process". Built on the report's plotting helpers (cebench.plots) and trusted rows only: on a
 CPU the Triton implementations run in the interpreter and are left out.
 
-Hook: `figures += plots_tp.tp_figures(run.frame)` where the report collects its figures.
+cebench/report.py adds them to each vocab-parallel family's figures.
 """
 
 from __future__ import annotations
@@ -37,12 +37,14 @@ def _rows(frame: pd.DataFrame, metric: str, vp_family: str, single_family: str) 
     return out
 
 
-def tp_figures(frame: pd.DataFrame) -> list[Figure]:
-    """Figures for every vocab-parallel family run at more than one world size."""
+def tp_figures(frame: pd.DataFrame, only: str | None = None) -> list[Figure]:
+    """Figures for every vocab-parallel family (or just `only`) run at more than one world size."""
     if "world_size" not in frame:
         return []
     figures = []
     for vp_family, single_family in PAIRS:
+        if only is not None and vp_family != only:
+            continue
         for metric, ylabel, what, band in METRICS:
             rows = _rows(frame, metric, vp_family, single_family)
             if rows.empty or rows["world_size"].nunique() < 2:

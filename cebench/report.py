@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from cebench import plots, probe, report_data
+from cebench import plots, plots_tp, probe, report_data
 from cebench.report_html import html, write_index, write_summary
 from cebench.report_md import markdown
 
@@ -39,6 +39,9 @@ def write_reports(run_dir: str | Path, reports_dir: str | Path | None = None) ->
         stale.unlink()
     roof = probe.roofline(run.env)
     figures = {family: plots.family_figures(run.frame, family, roof) for family in run.families}
+    for family in figures:
+        if family.startswith("vocab_parallel"):  # time and per-rank memory against world size
+            figures[family] += plots_tp.tp_figures(run.frame, only=family)
     for fig in (f for family in figures.values() for f in family):
         (figure_dir / f"{fig.id}.png").write_bytes(fig.png)
     md_path, html_path = out_dir / "report.md", out_dir / "report.html"
