@@ -179,7 +179,7 @@ class Cell:
         for i, p in enumerate(per_rank):
             self.samples.append(({"impl": self.impl.name, "case": self.case.id, "mode": mode, "rank": i}, p["samples"]))
         comm_bytes = max(p["comm"] for p in per_rank)
-        note = "; Triton interpreter on CPU: timing not meaningful" if self.interpreted else ""
+        note = "; Triton interpreter on CPU: timing and memory not meaningful" if self.interpreted else ""
         ranks = ", ".join(f"{m:.3f}" for m in medians)
         peak = max(p["peak"] for p in per_rank)
         return [

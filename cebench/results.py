@@ -129,7 +129,8 @@ def environment(device: str, suite_name: str, suite_hash: str, argv: list[str] |
         "cut_cross_entropy": _version("cut-cross-entropy"),
         "cebench": _version("cebench"),
         "git_commit": _git("rev-parse", "HEAD"),
-        "git_dirty": bool(_git("status", "--porcelain")),
+        # run outputs (results/, reports/) are data, not a change to the code that measured them
+        "git_dirty": bool(_git("status", "--porcelain", "--", ".", ":!results", ":!reports")),
         "argv": list(argv if argv is not None else sys.argv),
         "suite": suite_name,
         "suite_hash": suite_hash,

@@ -186,7 +186,8 @@ class CellRunner:
         return rows, True
 
     def _measure(self, mode: str) -> Iterator[dict]:
-        note = "Triton interpreter on CPU: timing not meaningful" if self.interpreted else ""
+        # the interpreter runs kernels on numpy copies: neither their time nor torch's allocator view is real
+        note = "Triton interpreter on CPU: timing and memory not meaningful" if self.interpreted else ""
         try:
             inputs = fresh_inputs(self.pristine, self.case)
             setup, measured = mode_callables(self.impl, self.case, mode, inputs, self.pristine, self.grad_output)
