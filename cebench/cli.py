@@ -21,8 +21,6 @@ import torch
 
 from cebench import conformance, distributed, registry, resume, suites
 from cebench.cases import CaseError
-from cebench.compare import compare as compare_runs
-from cebench.compare import markdown as compare_markdown
 from cebench.probe import run_probe
 from cebench.report import write_reports
 from cebench.results import REPO, RunWriter, environment, new_run_id, write_env
@@ -160,6 +158,9 @@ def cmd_compare(args) -> int:
     for run_dir in (args.run_a, args.run_b):
         if not (Path(run_dir) / "results.csv").is_file():
             raise UsageError(f"{run_dir}: not a run directory (no results.csv)")
+    from cebench.compare import compare as compare_runs  # scipy: imported only by the command that needs it
+    from cebench.compare import markdown as compare_markdown
+
     result = compare_runs(args.run_a, args.run_b)
     text = compare_markdown(result, args.fail_on_regression)
     if args.out:

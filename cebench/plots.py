@@ -76,7 +76,7 @@ def _panels(modes: list[str]):
     width = PANEL[0] * len(modes) + LEGEND_WIDTH
     fig, axes = plt.subplots(1, len(modes), figsize=(width, PANEL[1]), squeeze=False)
     right = 1 - LEGEND_WIDTH / width
-    fig.subplots_adjust(left=0.8 / width, right=right - 0.2 / width, bottom=0.17, top=0.89, wspace=0.35)
+    fig.subplots_adjust(left=1.0 / width, right=right - 0.2 / width, bottom=0.17, top=0.89, wspace=0.35)
     return fig, list(axes[0])
 
 
@@ -113,7 +113,9 @@ def _line_plot(rows: pd.DataFrame, x: str, y: str, modes: list[str], ylabel: str
                 ax.fill_between(line[x], line["p20"], line["p80"], color=colors[impl], alpha=0.2, linewidth=0)
         if decorate:
             decorate(ax, sub, mode)
-        ax.set_title(mode)
+        # a fixed title height: left automatic, matplotlib measures every tick label of the axes
+        # again at save time to place it (about 0.1 s per panel, most of the report's time)
+        ax.set_title(mode, y=1.0, pad=6)
         if rows[x].nunique() == 1:  # one point: centre it instead of pinning it to the edge
             ax.set_xlim(rows[x].iloc[0] / 2, rows[x].iloc[0] * 2)
     _finish(fig, axes, x, ylabel, log_y)
