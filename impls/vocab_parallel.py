@@ -26,14 +26,25 @@ without a group, a vocab-parallel function is an ordinary cross-entropy.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.distributed as dist
-import triton
-import triton.language as tl
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # vp_allreduce needs no Triton; vp_fused then says it is unavailable (requires)
+    triton = tl = None
 
 import cebench
 
 REDUCTIONS = ("mean", "sum", "none")
+
+
+def _jit(fn):
+    """triton.jit where Triton is installed; the plain function otherwise (never launched then)."""
+    return triton.jit(fn) if triton is not None else fn
 
 
 def _world(group) -> int:
@@ -95,7 +106,7 @@ def vp_allreduce(logits, targets, *, reduction="mean", ignore_index=-100, vocab_
     return _reduce_rows(rows, targets != ignore_index, reduction).to(logits.dtype)
 
 
-@triton.jit
+@_jit
 def _local_stats_kernel(x_ptr, stride, targets_ptr, stats_ptr, N, V_local, vocab_start, ignore_index,
                         BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr):
     """BLOCK_N rows per program: online max and sum-exp over the shard, and the target logit if held here."""
@@ -122,7 +133,7 @@ def _local_stats_kernel(x_ptr, stride, targets_ptr, stats_ptr, N, V_local, vocab
     tl.store(stats_ptr + rows * 3 + 2, x_target, mask=row_ok)
 
 
-@triton.jit
+@_jit
 def _grad_in_place_kernel(x_ptr, stride, targets_ptr, lse_ptr, scale_ptr, N, V_local, vocab_start,
                           BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr):
     """Overwrite the rows with scale * (softmax - onehot), softmax from the global log-sum-exp."""
@@ -195,8 +206,14 @@ class _FusedCE(torch.autograd.Function):
         return grad, None, None, None, None, None
 
 
+def _triton_reason() -> str | None:
+    if torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1":
+        return None
+    return "no CUDA device; Triton kernels run on CPU only with TRITON_INTERPRET=1 set before import"
+
+
 @cebench.register(name="vp_fused", family="vocab_parallel", reductions=REDUCTIONS, mutates_inputs=True,
-                  uses_triton=True,
+                  uses_triton=True, requires=("triton",), available=_triton_reason,
                   description="Triton local stats, one all-gather of (max, sum-exp, target), gradient written in place")
 def vp_fused(logits, targets, *, reduction="mean", ignore_index=-100, vocab_start=0, group=None):
     return _FusedCE.apply(logits, targets, vocab_start, ignore_index, reduction, group).to(logits.dtype)
