@@ -33,7 +33,7 @@ from cebench import registry
 from cebench.cases import Case, differentiable_names, make_grad_output, make_inputs
 from cebench.comm import count_collectives
 from cebench.distributed import shard_bounds, status_row
-from cebench.measure import TimingPlan, peak_memory
+from cebench.measure import Timing, TimingPlan, peak_memory
 from cebench.reference import compare, reference
 from cebench.results import RunWriter
 from cebench.runner import fresh_inputs, impl_kwargs, mode_callables
@@ -173,9 +173,10 @@ class Cell:
         per_rank = r.gather_objects({"samples": samples, "peak": memory.peak_bytes, "comm": comm.bytes})
         if r.rank != 0:
             return []
-        medians = [_median(p["samples"]) for p in per_rank]
+        timings = [Timing(p["samples"]) for p in per_rank]
+        medians = [t.median for t in timings]
         slowest = max(range(r.world), key=lambda i: medians[i])
-        worst = sorted(per_rank[slowest]["samples"])
+        worst = timings[slowest]
         for i, p in enumerate(per_rank):
             self.samples.append(({"impl": self.impl.name, "case": self.case.id, "mode": mode, "rank": i}, p["samples"]))
         comm_bytes = max(p["comm"] for p in per_rank)
@@ -183,8 +184,8 @@ class Cell:
         ranks = ", ".join(f"{m:.3f}" for m in medians)
         peak = max(p["peak"] for p in per_rank)
         return [
-            self.row(mode, "time", unit="ms", value=medians[slowest], p20=_quantile(worst, 0.2),
-                     p80=_quantile(worst, 0.8), n=len(worst), comm_bytes=comm_bytes,
+            self.row(mode, "time", unit="ms", value=worst.median, p20=worst.quantile(0.2),
+                     p80=worst.quantile(0.8), n=len(worst.samples_ms), comm_bytes=comm_bytes,
                      reason=f"slowest of {r.world} ranks (rank {slowest}); rank medians ms: {ranks}{note}"),
             self.row(mode, "peak_memory", unit="MiB", value=peak / MiB, comm_bytes=comm_bytes,
                      reason=f"largest per-rank peak above the rank's shard of the inputs{note}"),
@@ -222,15 +223,6 @@ def _shard(case: Case, full: dict, start: int, stop: int) -> dict[str, torch.Ten
     if case.family.endswith("linear"):
         return {"hidden": full["hidden"], "weight": full["weight"][start:stop].contiguous(), "targets": full["targets"]}
     return {"logits": full["logits"][:, start:stop].contiguous(), "targets": full["targets"]}
-
-
-def _median(samples: list[float]) -> float:
-    s = sorted(samples)
-    return (s[(len(s) - 1) // 2] + s[len(s) // 2]) / 2
-
-
-def _quantile(sorted_samples: list[float], q: float) -> float:
-    return sorted_samples[min(len(sorted_samples) - 1, round(q * (len(sorted_samples) - 1)))]
 
 
 def _problems(rows: list[dict]) -> tuple[list[str], list[str]]:
