@@ -71,10 +71,12 @@ class CaseError(ValueError):
 
 def validate_case(case: Case) -> None:
     """Reject impossible cases before any tensor is allocated."""
-    for key in ("N", "V"):
-        value = getattr(case, key)
-        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-            raise CaseError(f"{key} must be a positive integer, got {value!r}")
+    # N = 0 is a real input (the last shard of an epoch, a micro-batch of padding only) and must
+    # work like PyTorch's; a suite cannot ask for it (cebench.suites), only the conformance matrix.
+    if not isinstance(case.N, int) or isinstance(case.N, bool) or case.N < 0:
+        raise CaseError(f"N must be a non-negative integer, got {case.N!r}")
+    if not isinstance(case.V, int) or isinstance(case.V, bool) or case.V <= 0:
+        raise CaseError(f"V must be a positive integer, got {case.V!r}")
     if case.family.endswith("linear") and (not isinstance(case.H, int) or case.H <= 0):
         raise CaseError(f"family {case.family!r} needs a positive integer H, got {case.H!r}")
     if case.dtype not in ("float32", "bfloat16", "float16"):

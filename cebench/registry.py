@@ -55,6 +55,13 @@ class Impl:
     uses_triton: bool = False
     requires: tuple[str, ...] = ()
     available: Callable[[], str | None] | None = field(default=None, repr=False, compare=False)
+    # the reductions under which a training-mode forward already computes the gradient (so its
+    # "forward" time holds most of the work and its backward only scales): the report shows it
+    # next to every forward time, since comparing such a forward with a loss-only one is unfair
+    grad_in_forward: tuple[str, ...] = ()
+
+    def forward_computes_grad(self, reduction: str) -> bool:
+        return reduction in self.grad_in_forward
 
     def unavailable_reason(self) -> str | None:
         """None when the implementation can run here, else what is missing."""
@@ -87,6 +94,9 @@ class Impl:
 
     def options_summary(self) -> str:
         flags = [o for o in ("ignore_index", "label_smoothing", "z_loss", "softcap") if getattr(self, o)]
+        if self.grad_in_forward:
+            flags.append("grad in forward" + ("" if self.grad_in_forward == self.reductions
+                                               else f" ({'/'.join(self.grad_in_forward)})"))
         return "reduction=" + "/".join(self.reductions) + ("; " + ", ".join(flags) if flags else "")
 
 
@@ -110,6 +120,7 @@ def register(
     requires: tuple[str, ...] | list[str] = (),
     available: Callable[[], str | None] | None = None,
     description: str = "",
+    grad_in_forward: bool | tuple[str, ...] | list[str] = False,
 ):
     """Declare a cross-entropy implementation.
 
@@ -119,8 +130,15 @@ def register(
     Options beyond reduction/ignore_index (label_smoothing, z_loss, softcap) are passed
     only when a case sets them and the declaration says they are supported. The function
     returns a differentiable loss like `F.cross_entropy` (with z_loss included).
+    grad_in_forward: True when the forward computes the whole gradient too (fused kernels that
+    store it for the backward to scale), or the reductions for which it does.
     """
     _check_declaration(name, family, reductions, devices, dtypes)
+    if isinstance(grad_in_forward, bool):
+        grad_in_forward = tuple(reductions) if grad_in_forward else ()
+    elif any(r not in reductions for r in grad_in_forward):
+        raise RegistryError(f"register({name!r}): grad_in_forward {list(grad_in_forward)} must be among the "
+                            f"declared reductions {list(reductions)}")
 
     def decorator(fn: Callable) -> Callable:
         impl = Impl(
@@ -128,6 +146,7 @@ def register(
             reductions=tuple(reductions), ignore_index=ignore_index, label_smoothing=label_smoothing,
             z_loss=z_loss, softcap=softcap, devices=tuple(devices), dtypes=tuple(dtypes),
             mutates_inputs=mutates_inputs, uses_triton=uses_triton, requires=tuple(requires), available=available,
+            grad_in_forward=tuple(grad_in_forward),
         )
         previous = _REGISTRY.get(name)
         if previous is not None and previous.source != impl.source:

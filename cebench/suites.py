@@ -201,6 +201,8 @@ def _expand(path: Path, where: str, family: str, values: dict) -> list[Case]:
             kwargs[key] = float(kwargs[key])
         if kwargs["softcap"] is not None:
             kwargs["softcap"] = float(kwargs["softcap"])
+        if kwargs["N"] <= 0:  # an empty batch has nothing to time (the conformance matrix checks N=0)
+            raise SuiteError(f"{path}: '{where}' makes an invalid case: N must be a positive integer, got {kwargs['N']}")
         try:
             cases.append(Case(family=family, **kwargs))
         except CaseError as exc:

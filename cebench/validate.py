@@ -7,7 +7,7 @@ host side first, with messages that say what is wrong and what was expected:
   - logits 2-D [N, V]; hidden [N, H] and weight [V, H] for the linear family;
   - targets 1-D [N], an integer dtype (int32 or int64), every value in [0, V) or == ignore_index;
   - a floating dtype cebench supports, the same for every float input, on one device;
-  - N, V, H positive.
+  - V and H positive; N may be 0 (an empty batch, as F.cross_entropy accepts).
 Sizes and options of a `Case` are checked when it is built (cebench.cases.validate_case);
 `check_inputs` checks the tensors an implementation is about to be called with, including
 hand-made ones (conformance inputs, a user's own tensors).
@@ -54,8 +54,8 @@ def check_tensors(*, targets: torch.Tensor, logits: torch.Tensor | None = None, 
         if hidden.dtype != weight.dtype:
             raise InputError(f"hidden and weight must share a dtype, got {hidden.dtype} and {weight.dtype}")
         floats = [("hidden", hidden), ("weight", weight)]
-    if n <= 0 or v <= 0:
-        raise InputError(f"N and V must be positive, got N={n}, V={v}")
+    if v <= 0:  # N = 0 (an empty batch) is valid input, as for F.cross_entropy
+        raise InputError(f"V must be positive, got N={n}, V={v}")
     _check_targets(targets, n, v, ignore_index)
     devices = {t.device for _, t in floats} | {targets.device}
     if len(devices) > 1:

@@ -151,7 +151,7 @@ class LinearChunkedCrossEntropy(torch.autograd.Function):
 
 
 @cebench.register(name="linear_chunked", family="linear", reductions=("mean", "sum"),
-                  label_smoothing=True, z_loss=True, softcap=True)
+                  label_smoothing=True, z_loss=True, softcap=True, grad_in_forward=True)
 def linear_chunked(hidden, weight, targets, *, reduction="mean", ignore_index=-100, label_smoothing=0.0,
                    z_loss=0.0, softcap=None):
     """Token chunks of hidden @ weight.T; loss and gradients in the forward, fp32 grad_weight."""

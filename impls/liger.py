@@ -91,7 +91,7 @@ def _module(linear: bool, reduction: str, ignore_index: int, label_smoothing: fl
 # `softcap.to(tl.float32)`, and the Triton interpreter (the only way to run it without CUDA)
 # hands scalar arguments to the kernel as plain Python floats, which have no `.to`, so
 # every softcap call fails there with an InterpreterError.
-OPTIONS = dict(reductions=("mean", "sum", "none"), label_smoothing=True, z_loss=True,
+OPTIONS = dict(reductions=("mean", "sum", "none"), label_smoothing=True, z_loss=True, grad_in_forward=True,
                softcap=torch.cuda.is_available(),
                uses_triton=True, requires=("liger_kernel", "triton"), available=triton_runnable)
 

@@ -47,7 +47,7 @@ def chunk_options():
 
 
 @cebench.register(name="torch_linear", family="linear", reductions=("mean", "sum", "none"), ignore_index=True,
-                  available=has_chunked_linear_cross_entropy,
+                  available=has_chunked_linear_cross_entropy, grad_in_forward=("mean", "sum"),
                   description="F.linear_cross_entropy, chunked with PyTorch's default LinearCrossEntropyOptions()")
 def torch_linear(hidden, weight, targets, *, reduction="mean", ignore_index=-100):
     """torch.nn.functional.linear_cross_entropy with LinearCrossEntropyOptions chunking."""

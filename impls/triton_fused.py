@@ -275,7 +275,7 @@ def triton_fused_ce(logits, targets, *, reduction="mean", ignore_index=-100, lab
 
 @cebench.register(name="triton_fused", family="logits", reductions=("mean", "sum", "none"), label_smoothing=True,
                   z_loss=True, softcap=True, devices=("cpu", "cuda"), mutates_inputs=True, uses_triton=True,
-                  available=triton_unavailable_reason)
+                  grad_in_forward=True, available=triton_unavailable_reason)
 def triton_fused(logits, targets, *, reduction="mean", ignore_index=-100, label_smoothing=0.0, z_loss=0.0,
                  softcap=None):
     """Our fused Triton kernel: online softmax, loss + gradient in forward, gradient in place."""

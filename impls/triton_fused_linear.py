@@ -100,7 +100,7 @@ def triton_fused_linear_ce(hidden, weight, targets, *, reduction="mean", ignore_
 
 
 @cebench.register(name="triton_fused_linear", family="linear", reductions=("mean", "sum"), label_smoothing=True,
-                  z_loss=True, softcap=True, devices=("cpu", "cuda"), uses_triton=True,
+                  z_loss=True, softcap=True, devices=("cpu", "cuda"), uses_triton=True, grad_in_forward=True,
                   available=fused.triton_unavailable_reason)
 def triton_fused_linear(hidden, weight, targets, *, reduction="mean", ignore_index=-100, label_smoothing=0.0,
                         z_loss=0.0, softcap=None):

@@ -212,7 +212,7 @@ def _triton_reason() -> str | None:
     return "no CUDA device; Triton kernels run on CPU only with TRITON_INTERPRET=1 set before import"
 
 
-@cebench.register(name="vp_fused", family="vocab_parallel", reductions=REDUCTIONS, mutates_inputs=True,
+@cebench.register(name="vp_fused", family="vocab_parallel", reductions=REDUCTIONS, mutates_inputs=True, grad_in_forward=True,
                   uses_triton=True, requires=("triton",), available=_triton_reason,
                   description="Triton local stats, one all-gather of (max, sum-exp, target), gradient written in place")
 def vp_fused(logits, targets, *, reduction="mean", ignore_index=-100, vocab_start=0, group=None):
