@@ -180,7 +180,8 @@ def speedup_vs_v(frame: pd.DataFrame, family: str) -> Figure | None:
 
 def rate_vs_v(frame: pd.DataFrame, family: str, roof: dict | None) -> Figure | None:
     """Achieved GB/s (logits) or TFLOP/s (linear) from the memory model's floor ÷ median time."""
-    rows = trusted(frame[frame["family"] == family], "time").copy()
+    rows = trusted(frame[frame["family"] == family], "time")
+    rows = rows[rows["value"] > 0].copy()  # a rate needs a positive time
     if rows.empty:
         return None
     floors = [memory_model.floor_for_row(r) for r in rows.to_dict("records")]

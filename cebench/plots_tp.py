@@ -1,4 +1,4 @@
-"""The tensor-parallel figures: time and per-rank peak memory against world size.
+"""The tensor-parallel figures: time, per-rank peak memory, and accuracy beside bytes sent, against world size.
 
 For each vocab-parallel family, its rows (time of the slowest rank; peak memory of the rank
 that peaked highest) are drawn against world size, one line per implementation and V, and the
@@ -7,14 +7,23 @@ appear as points at world size 1, so the figure answers "what does sharding buy 
 process". Built on the report's plotting helpers (cebench.plots) and trusted rows only: on a
 CPU the Triton implementations run in the interpreter and are left out.
 
+A third figure puts each gradient's error against float64 (the worst rank's) beside the bytes
+each rank sends per call, both against world size: reducing in a wider dtype costs bytes and
+buys accuracy that no longer degrades with the rank count, and this figure shows both sides.
+Errors and bytes are exact even in the interpreter, so every ok row is drawn; the caption
+repeats the numbers.
+
 cebench/report.py adds them to each vocab-parallel family's figures.
 """
 
 from __future__ import annotations
 
+import math
+
+import matplotlib.pyplot as plt
 import pandas as pd
 
-from cebench.plots import Figure, _data, _line_plot
+from cebench.plots import Figure, _colors, _data, _line_plot, _png
 from cebench.report_data import modes_of, trusted
 
 PAIRS = (("vocab_parallel", "logits"), ("vocab_parallel_linear", "linear"))
@@ -37,6 +46,53 @@ def _rows(frame: pd.DataFrame, metric: str, vp_family: str, single_family: str) 
     return out
 
 
+def _finite(rows: pd.DataFrame) -> pd.DataFrame:
+    return rows[pd.to_numeric(rows["value"], errors="coerce").abs() < math.inf]
+
+
+def error_and_bytes(frame: pd.DataFrame, family: str) -> Figure | None:
+    """Each gradient's relative error (worst rank) and the bytes sent per call, against world size."""
+    sub = frame[(frame["family"] == family) & (frame["status"] == "ok")]
+    errors = _finite(sub[sub["metric"].astype(str).str.startswith("rel_err[") & (sub["metric"] != "rel_err[loss]")])
+    sent = _finite(sub[sub["metric"] == "comm_bytes"])
+    if errors.empty or errors["world_size"].nunique() < 2:
+        return None
+    errors = errors.assign(world_size=errors["world_size"].fillna(1).astype(int))
+    sent = sent.assign(world_size=sent["world_size"].fillna(1).astype(int))
+    mode = next((m for m in ("forward+backward", "backward", "forward") if m in set(sent["mode"])), None)
+    sent = sent[sent["mode"] == mode]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(9.8, 3.0))
+    fig.subplots_adjust(left=0.08, right=0.7, bottom=0.17, top=0.89, wspace=0.35)
+    colors = _colors(pd.concat([errors["impl"], sent["impl"]]))
+    summary = []
+    for (impl, metric, dtype, V), line in errors.groupby(["impl", "metric", "dtype", "V"], sort=True):
+        line = line.sort_values("world_size")
+        left.plot(line["world_size"], line["value"].clip(lower=1e-12), marker="o", ms=4, color=colors[impl],
+                  label=f"{impl} {metric[8:-1]}, {dtype}, V={V}")
+        points = ", ".join(f"{w}: {v:.2e}" for w, v in zip(line["world_size"], line["value"], strict=True))
+        summary.append(f"{impl} {metric} ({dtype}, V={V}) by world size {points}")
+    for (impl, dtype, V), line in sent.groupby(["impl", "dtype", "V"], sort=True):
+        line = line.sort_values("world_size")
+        right.plot(line["world_size"], line["value"], marker="s", ms=4, color=colors[impl], linestyle="--")
+        points = ", ".join(f"{w}: {v:.0f} B" for w, v in zip(line["world_size"], line["value"], strict=True))
+        summary.append(f"{impl} bytes sent per rank per {mode} call ({dtype}, V={V}): {points}")
+    left.set_yscale("log")
+    left.set_title("gradient error vs float64 (worst rank)", y=1.0, pad=6)
+    right.set_title(f"bytes sent per rank per call ({mode})", y=1.0, pad=6)
+    for ax in (left, right):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("world_size")
+        ax.grid(True, alpha=0.3)
+    left.set_ylabel("relative error")
+    fig.legend(*left.get_legend_handles_labels(), loc="center left", bbox_to_anchor=(0.72, 0.5), fontsize="small",
+               frameon=False)
+    return Figure(id=f"tp-error-bytes-{family.replace('_', '-')}",
+                  title=f"{family}: accuracy and bytes communicated against world size",
+                  caption="Relative error of each gradient against float64 (the worst rank's), beside the bytes each "
+                          "rank sends per call. " + "; ".join(summary) + ".",
+                  png=_png(fig), data=_data(pd.concat([errors, sent])))
+
+
 def tp_figures(frame: pd.DataFrame, only: str | None = None) -> list[Figure]:
     """Figures for every vocab-parallel family (or just `only`) run at more than one world size."""
     if "world_size" not in frame:
@@ -55,4 +111,6 @@ def tp_figures(frame: pd.DataFrame, only: str | None = None) -> list[Figure]:
                 title=f"{vp_family}: {metric.replace('_', ' ')} against world size",
                 caption=f"{what}; {single_family} implementations on the same shapes at world size 1.",
                 png=png, data=_data(rows)))
+        made = error_and_bytes(frame, vp_family)
+        figures += [made] if made is not None else []
     return figures

@@ -66,8 +66,9 @@ def load(run_dir: str | Path) -> Run:
 
 
 def trusted(frame: pd.DataFrame, metric: str) -> pd.DataFrame:
-    """The rows of `metric` that may be ranked: measured and trusted."""
-    return frame[(frame["metric"] == metric) & (frame["status"] == "ok") & frame["trusted"]]
+    """The rows of `metric` that may be ranked: measured, trusted and finite (a NaN or inf is shown, never ranked)."""
+    finite = pd.to_numeric(frame["value"], errors="coerce").abs() < math.inf
+    return frame[(frame["metric"] == metric) & (frame["status"] == "ok") & frame["trusted"] & finite]
 
 
 def short_case(case: str, family: str) -> str:

@@ -74,11 +74,20 @@ def new_run_id(suite: str, device: str) -> str:
     return f"{stamp}-{suite}-{device.split(':')[0]}"
 
 
+NUMERIC = ("value", "p20", "p80", "n", "N", "V", "H", "ignore_frac", "label_smoothing", "z_loss", "softcap",
+           "world_size", "comm_bytes")
+
+
 def read_results(run_dir: str | Path):
-    """The run's rows as a pandas DataFrame."""
+    """The run's rows as a pandas DataFrame; numeric columns are numbers whatever they hold (nan, inf, -inf)."""
     import pandas as pd
 
-    return pd.read_csv(Path(run_dir) / "results.csv", keep_default_na=False, na_values=[""])
+    # text columns keep strings such as "NA" or "nan" as written; only an empty cell is missing
+    frame = pd.read_csv(Path(run_dir) / "results.csv", keep_default_na=False, na_values=[""])
+    for column in NUMERIC:
+        if column in frame:
+            frame[column] = pd.to_numeric(frame[column], errors="coerce")
+    return frame
 
 
 def read_env(run_dir: str | Path) -> dict:
