@@ -136,6 +136,9 @@ def environment(device: str, suite_name: str, suite_hash: str, argv: list[str] |
         "triton": _version("triton"),
         "liger_kernel": _version("liger-kernel"),
         "cut_cross_entropy": _version("cut-cross-entropy"),
+        "quack_kernels": _version("quack-kernels"),
+        "nvidia_cutlass_dsl": _version("nvidia-cutlass-dsl"),
+        "megatron_core": _version("megatron-core"),
         "cebench": _version("cebench"),
         "git_commit": _git("rev-parse", "HEAD"),
         # run outputs (results/, reports/) are data, not a change to the code that measured them
