@@ -9,7 +9,10 @@ logits and no process group) runs in this process through the ordinary runner, s
 report compares both.
 
 World size: a suite's `world_size = [...]` on a vocab_parallel grid; without it, --nproc.
-A case asking for more ranks than --nproc is recorded as skipped with the reason.
+A case asking for more ranks than --nproc is recorded as skipped with the reason, and so is,
+on CUDA, a world size larger than the number of GPUs (NCCL needs a GPU per rank): decided
+once per world size, before any launch. A case the sharding cannot serve (V smaller than the
+world size: a rank would hold no column) is a usage error (exit 2) before anything runs.
 On a CPU the ranks share the machine's cores: each rank gets cpu_count // world threads
 (OMP_NUM_THREADS, unless set), while world size 1 runs with torch's default.
 
@@ -30,7 +33,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from cebench.cases import Case
+import torch
+
+from cebench.cases import Case, CaseError
 from cebench.results import REPO
 from cebench.suites import Grid, Suite
 
@@ -84,8 +89,16 @@ def resolved_cells(suite: Suite, nproc: int):
         yield case, modes, restrict
 
 
+def check_shardable(case: Case) -> None:
+    """A CaseError naming V and the world size when the vocabulary cannot give every rank a column."""
+    if case.world_size and case.V < case.world_size:
+        raise CaseError(f"{case.id}: V={case.V} cannot be sharded over world size {case.world_size}: every rank "
+                        f"needs at least one vocabulary column (V >= world size); lower world_size/--nproc or raise V")
+
+
 def plan(suite: Suite, nproc: int) -> Plan:
-    """Resolve each vocab-parallel case's world size (suite's, else nproc) and split the cells."""
+    """Resolve each vocab-parallel case's world size (suite's, else nproc) and split the cells.
+    Raises CaseError, before anything runs, for a case the sharding cannot serve."""
     grids, launches, too_large = [], {}, []
     for grid in suite.grids:
         local = []
@@ -94,6 +107,7 @@ def plan(suite: Suite, nproc: int) -> Plan:
                 local.append(case)
                 continue
             case = dataclasses.replace(case, world_size=case.world_size or nproc)
+            check_shardable(case)
             if case.world_size == 1:
                 local.append(case)
             elif case.world_size > nproc:
@@ -125,20 +139,34 @@ def run_launches(the_plan: Plan, impls, device: str, writer, run_id: str, run_di
     base = {"run_id": run_id, "suite": the_plan.local.name}
     timing = dataclasses.asdict(the_plan.local.timing)
     kind = device.split(":")[0]
-    for case, modes, restrict in the_plan.too_large:
+    skipped = [(case, modes, restrict, f"world size {case.world_size} needs --nproc >= {case.world_size}")
+               for case, modes, restrict in the_plan.too_large]
+    launches = dict(the_plan.launches)
+    for world, why in unrunnable_worlds(launches, kind).items():  # decided once, before any launch
+        log(f"[world size {world}] skipped: {why}")
+        skipped += [(case, modes, restrict, why) for case, modes, restrict in launches.pop(world)]
+    for case, modes, restrict, why in skipped:
         for impl in _chosen(impls, case, restrict):
             if (impl.name, case.id) in done:
                 continue
-            for row in _status_rows(case, impl, kind, modes, "skipped", f"world size {case.world_size} needs --nproc "
-                                    f">= {case.world_size}"):
+            for row in _status_rows(case, impl, kind, modes, "skipped", why):
                 writer.write_row({**base, **row})
-    for world, grid_cells in the_plan.launches.items():
+    for world, grid_cells in launches.items():
         cells = [(impl, case, modes) for case, modes, restrict in grid_cells for impl in _chosen(impls, case, restrict)
                  if (impl.name, case.id) not in done]
         if not cells:
             continue
         log(f"[world size {world}] {len(cells)} vocab-parallel cell(s) through torch.distributed.run")
         _launch_until_done(world, cells, kind, writer, base, timing, run_dir, plugins, outcome, log)
+
+
+def unrunnable_worlds(worlds, kind: str) -> dict[int, str]:
+    """World sizes this machine cannot launch, with the reason: on CUDA, more ranks than GPUs."""
+    if kind != "cuda":
+        return {}
+    gpus = torch.cuda.device_count()
+    return {w: f"world size {w} needs {w} GPUs (one per NCCL rank); this machine has {gpus}"
+            for w in worlds if w > gpus}
 
 
 def _chosen(impls, case: Case, restrict) -> list:
@@ -177,10 +205,11 @@ def _launch_until_done(world, cells, kind, writer, base, timing, run_dir, plugin
         todo = [i for i in todo if i > failed]
 
 
-def launch(world: int, spec_path: Path, limit_s: float) -> tuple[int, str]:
-    """Run cebench.rank_runner on `world` ranks with torchrun; (exit code, what ended it)."""
+def launch(world: int, spec_path: Path, limit_s: float, module: str = "cebench.rank_runner") -> tuple[int, str]:
+    """Run `module` (cebench.rank_runner, or the conformance ranks) on `world` ranks with torchrun;
+    (exit code, what ended it)."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1", f"--nproc-per-node={world}",
-           "--max-restarts=0", "--monitor-interval=0.2", "-m", "cebench.rank_runner", str(spec_path)]
+           "--max-restarts=0", "--monitor-interval=0.2", "-m", module, str(spec_path)]
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
     # torchrun would set 1 thread per rank with a warning; say it ourselves: the cores are shared by the ranks

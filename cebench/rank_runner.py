@@ -1,14 +1,18 @@
 """One rank of a vocab-parallel launch: `python -m torch.distributed.run ... -m cebench.rank_runner SPEC`.
 
 Every rank builds the full inputs of a case from its seed (deterministic) and keeps its
-vocabulary shard; rank 0 also computes the float64 reference on the full inputs. A cell:
-  1. agreement: one call and backward; losses and gradient shards are gathered on rank 0
-     and compared with the reference; every rank must return the same loss;
+vocabulary shard. A cell:
+  1. agreement: one call and backward; every rank checks its own loss, its copy of the hidden
+     gradient and its shard's gradient against its slice of the float64 reference (streamed in
+     row chunks: no rank gathers N x V), and only those small results go to rank 0
+     (cebench.vp_check); every rank must return the same loss, NaN equal to NaN;
   2. per mode: peak memory (one call, each rank's own), bytes communicated (one call, the
      collectives' sizes counted, see cebench.comm), then time. Every rank makes the same
      number of calls (a count agreed from the slowest rank's first call, since a rank that
      stops early would leave the others waiting in a collective), each call starts after a
      barrier, and the row reports the slowest rank's median with every rank's in `reason`.
+     On CUDA each call is timed with CUDA events after a 256 MB L2 flush, as
+     triton.testing.do_bench times every single-process row; at least min_repeats calls.
 Any exception is fatal to the launch: its peers may already wait in a collective. The rank
 writes the error and its cell to the run's ranks/ folder and exits; the launcher ends the rest.
 """
@@ -29,12 +33,12 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from cebench import registry
+from cebench import registry, vp_check
 from cebench.cases import Case, differentiable_names, make_grad_output, make_inputs
 from cebench.comm import count_collectives
 from cebench.distributed import shard_bounds, status_row
 from cebench.measure import Timing, TimingPlan, peak_memory
-from cebench.reference import compare, reference
+from cebench.reference import reference
 from cebench.results import RunWriter
 from cebench.runner import fresh_inputs, impl_kwargs, mode_callables
 
@@ -60,19 +64,6 @@ class Rank:
         t = torch.tensor([value], dtype=torch.float64, device=self.device)
         dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
         return float(t)
-
-    def gather_vocab(self, shard: torch.Tensor | None, shape: tuple, dim: int, V: int) -> torch.Tensor:
-        """The full tensor from every rank's slice along the vocabulary dim (NaN where a rank had none)."""
-        if shard is None:
-            shard = torch.full(shape, float("nan"), device=self.device)
-        rows = shard.detach().float().movedim(dim, 0)
-        width = shard_bounds(V, self.world, 0)[1]  # rank 0 holds the largest slice
-        padded = torch.zeros((width, *rows.shape[1:]), device=self.device)
-        padded[: rows.shape[0]] = rows
-        parts = [torch.empty_like(padded) for _ in range(self.world)]
-        dist.all_gather(parts, padded.contiguous(), group=self.group)
-        sizes = [shard_bounds(V, self.world, r)[1] - shard_bounds(V, self.world, r)[0] for r in range(self.world)]
-        return torch.cat([p[:s] for p, s in zip(parts, sizes, strict=True)]).movedim(0, dim)
 
     def sync(self):
         if self.device.startswith("cuda"):
@@ -102,60 +93,54 @@ class Cell:
             return [self.row("check", "agreement", status, unit="bool", reason=reason)] + [
                 self.row(m, "time", status, unit="ms", reason=reason) for m in self.modes]
         case, r = self.case, self.r
-        start, stop = shard_bounds(case.V, r.world, r.rank)
+        self.bounds = shard_bounds(case.V, r.world, r.rank)
         full = make_inputs(case, r.device)
         self.grad_output = make_grad_output(case, r.device)
-        self.ref = reference(case, full, self.grad_output) if r.rank == 0 else None
-        self.pristine = _shard(case, full, start, stop)
-        del full
-        self.bound = dataclasses.replace(self.impl, fn=functools.partial(self.impl.fn, vocab_start=start, group=r.group))
+        self.pristine = vp_check.shard_inputs(case, full, *self.bounds)
+        self.bound = dataclasses.replace(self.impl, fn=functools.partial(self.impl.fn, vocab_start=self.bounds[0],
+                                                                         group=r.group))
         self.local_bytes = sum(t.numel() * t.element_size() for t in self.pristine.values())
-        rows = self._check()
+        rows = self._check(full)
+        del full  # the reference (and the full inputs it reads) are gone before anything is timed
         for mode in self.modes:
             rows += self._measure(mode)
         return rows if r.rank == 0 else []
 
-    def _check(self) -> list[dict]:
+    def _check(self, full: dict) -> list[dict]:
         case, r = self.case, self.r
         inputs = fresh_inputs(self.pristine, case)
         loss = self.bound.fn(*(inputs[n] for n in (*differentiable_names(case), "targets")), **impl_kwargs(self.impl, case))
         loss.backward(self.grad_output.to(loss.dtype))
-        losses = self.gather_losses(loss)
-        outputs = {"loss": loss.detach()}
-        for name in differentiable_names(case):
-            grad = inputs[name].grad
-            if name == "hidden":  # replicated: every rank must hold the full gradient
-                outputs[name] = grad
-            else:
-                dim = 1 if name == "logits" else 0
-                outputs[name] = r.gather_vocab(grad, tuple(inputs[name].shape), dim, case.V)
-        mutated = r.max_float(float(any(not torch.equal(inputs[n].detach(), self.pristine[n]) for n in self.pristine)))
-        if r.rank != 0:
-            return []
-        agreements = compare(outputs, self.ref, case.dtype)
-        spread = max(float((x - losses[0]).abs().max()) for x in losses)
-        same_loss = spread <= agreements[0].tolerance * max(1.0, float(losses[0].abs().max()))
-        ok = all(a.ok for a in agreements) and same_loss
-        self.trusted = ok and not self.interpreted
-        rows = []
-        for a in agreements:
-            rows.append(self.row("check", f"max_abs_err[{a.quantity}]", unit="abs", value=a.max_abs_err))
-            rows.append(self.row("check", f"rel_err[{a.quantity}]", unit="rel", value=a.rel_err))
-        rows.append(self.row("check", "loss_spread_across_ranks", unit="abs", value=spread))
-        worst = max(agreements, key=lambda a: a.rel_err / a.tolerance)
-        verdict = "agrees" if ok else "DISAGREES with float64 reference"
-        detail = worst.describe() if same_loss else f"ranks returned different losses (spread {spread:.2e})"
-        rows.append(self.row("check", "agreement", "ok" if ok else "failed", unit="bool", value=float(ok),
-                             reason=f"{verdict} (gathered from {r.world} ranks): {detail}"))
-        rows.append(self.row("check", "mutates_input", unit="bool", value=mutated,
-                             reason="mutated its shard on some rank" if mutated else ""))
-        return rows
+        ref = reference(case, full, self.grad_output)
+        mine = vp_check.rank_check(case, inputs, loss, ref, self.pristine, self.bounds, r.rank)
+        del ref, inputs, loss
+        summary = vp_check.summarize(r.gather_objects(mine), self.impl.mutates_inputs)
+        self.trusted = summary["ok"] and not self.interpreted  # the same verdict on every rank
+        return self._check_rows(summary) if r.rank == 0 else []
 
-    def gather_losses(self, loss: torch.Tensor) -> list[torch.Tensor]:
-        flat = loss.detach().float().reshape(-1).contiguous()
-        parts = [torch.empty_like(flat) for _ in range(self.r.world)]
-        dist.all_gather(parts, flat, group=self.r.group)
-        return parts
+    def _check_rows(self, summary: dict) -> list[dict]:
+        rows = []
+        for quantity, per_rank in summary["by_quantity"].items():
+            figures = ", ".join(f"rank {i}: {rel:.2e}" for i, rel, _ in per_rank)
+            worst_abs = max(ab for _, _, ab in per_rank)
+            worst_rel = max(per_rank, key=lambda x: x[1])
+            rows.append(self.row("check", f"max_abs_err[{quantity}]", unit="abs", value=worst_abs,
+                                 reason=f"largest over {self.r.world} ranks"))
+            rows.append(self.row("check", f"rel_err[{quantity}]", unit="rel", value=worst_rel[1],
+                                 reason=f"largest over ranks (rank {worst_rel[0]}); {figures}"))
+        spread = summary["spread"]
+        rows.append(self.row("check", "loss_spread_across_ranks", unit="abs", value=spread,
+                             reason="largest difference from rank 0's loss (NaN equals NaN)"))
+        ok = summary["ok"]
+        verdict = "agrees" if ok else "DISAGREES with float64 reference"
+        checked = ", ".join(vp_check.checked_quantities(self.case))
+        rows.append(self.row("check", "agreement", "ok" if ok else "failed", unit="bool", value=float(ok),
+                             reason=f"{verdict} (checked on every one of {self.r.world} ranks: {checked}): "
+                                    f"{summary['detail']}; every rank's rel err: {summary['per_rank']}"))
+        mutated = summary["mutated"]
+        rows.append(self.row("check", "mutates_input", unit="bool", value=float(bool(mutated)),
+                             reason=("mutated: " + ", ".join(mutated)) if mutated else ""))
+        return rows
 
     def _measure(self, mode: str) -> list[dict]:
         r = self.r
@@ -197,32 +182,63 @@ class Cell:
 
     def _time(self, setup, measured, leaves) -> list[float]:
         """The same number of barrier-aligned calls on every rank; the count comes from the slowest first call."""
-        plan = self.r.plan
-        for _ in range(0 if self.interpreted else plan.warmup):
-            self._one_call(setup, measured, leaves)
-        first = self._one_call(setup, measured, leaves)
+        clock = Clock(self.r.device)
+        first = self._one_call(clock, setup, measured, leaves)
         if self.interpreted:
             return [first]
-        slowest = self.r.max_float(first)
-        count = min(plan.max_repeats, max(plan.min_repeats, math.ceil(plan.min_time_s * 1e3 / max(slowest, 1e-3))))
-        return [first] + [self._one_call(setup, measured, leaves) for _ in range(count - 1)]
+        warmup, count = call_counts(self.r.plan, self.r.max_float(first), clock.cuda)
+        for _ in range(warmup):
+            self._one_call(clock, setup, measured, leaves)
+        return [self._one_call(clock, setup, measured, leaves) for _ in range(count)]
 
-    def _one_call(self, setup, measured, leaves) -> float:
+    def _one_call(self, clock: Clock, setup, measured, leaves) -> float:
         state = setup()
         for leaf in leaves:
             leaf.grad = None
-        self.r.sync()
-        began = time.perf_counter()
-        measured(state)
-        if self.r.device.startswith("cuda"):
-            torch.cuda.synchronize()
-        return (time.perf_counter() - began) * 1e3
+        return clock.time(measured, state, before=self.r.sync)
 
 
-def _shard(case: Case, full: dict, start: int, stop: int) -> dict[str, torch.Tensor]:
-    if case.family.endswith("linear"):
-        return {"hidden": full["hidden"], "weight": full["weight"][start:stop].contiguous(), "targets": full["targets"]}
-    return {"logits": full["logits"][:, start:stop].contiguous(), "targets": full["targets"]}
+class Clock:
+    """Times one call. CUDA: a 256 MB buffer zeroed first (the L2 flush triton.testing.do_bench makes), then
+    CUDA events around the call; CPU: perf_counter. `before` runs after the flush and before the start."""
+
+    FLUSH_BYTES = 256 << 20
+
+    def __init__(self, device: str, flush: torch.Tensor | None = None):
+        self.cuda = device.startswith("cuda")
+        if flush is None and self.cuda:
+            flush = torch.empty(self.FLUSH_BYTES, dtype=torch.int8, device=device)
+        self.flush = flush
+
+    def time(self, fn, state, before=lambda: None) -> float:
+        if not self.cuda:
+            before()
+            began = time.perf_counter()
+            fn(state)
+            return (time.perf_counter() - began) * 1e3
+        self.flush.zero_()
+        before()  # the rank barrier: every rank starts together, its cache flushed
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn(state)
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end)
+
+
+def call_counts(plan: TimingPlan, slowest_ms: float, cuda: bool) -> tuple[int, int]:
+    """(warm-up calls, timed calls) from the slowest rank's first call; the same on every rank.
+
+    As cebench.measure: on CUDA warm up for cuda_warmup_ms and time for cuda_rep_ms, on the CPU
+    plan.warmup calls and min_time_s; never fewer than min_repeats timed calls."""
+    slowest_ms = max(slowest_ms, 1e-3)
+    if cuda:
+        warmup = max(1, int(plan.cuda_warmup_ms / slowest_ms))
+        count = min(plan.max_repeats * 5, int(plan.cuda_rep_ms / slowest_ms))
+    else:
+        warmup = max(0, plan.warmup - 1)  # the first call was one
+        count = min(plan.max_repeats, math.ceil(plan.min_time_s * 1e3 / slowest_ms))
+    return warmup, max(plan.min_repeats, count)
 
 
 def _problems(rows: list[dict]) -> tuple[list[str], list[str]]:

@@ -43,6 +43,82 @@ def test_single_process_agrees_with_reference(impls, family, name, reduction):
     assert all(a.ok for a in compare(outputs, ref, case.dtype)), compare(outputs, ref, case.dtype)
 
 
+def test_masked_column_on_a_rank_without_the_target_is_not_nan(impls):
+    """A shard that does not hold the target reads its column 0; -inf there must not turn into -inf * 0 = NaN.
+    (One process stands for the rank without the target; at 2 and 4 ranks: cebench.conformance_vp. vp_fused, alone,
+    rightly calls a target that no shard holds invalid: NaN.)"""
+    shard = torch.tensor([[float("-inf"), 1.0, 2.0], [0.5, float("-inf"), 0.0]])
+    targets = torch.tensor([7, 1])  # held by another rank: this one holds ids 3..5
+    rows = impls["vp_allreduce"].fn(shard, targets, reduction="none", vocab_start=3)
+    expected = torch.logsumexp(shard, dim=1) - shard.amax(dim=1)  # log-sum-exp less the max, no target term
+    assert torch.allclose(rows, expected), rows
+
+
+@pytest.mark.parametrize("scale", [1e3, 1e4, 1e5])
+def test_fused_gradient_is_normalised_for_large_logits(impls, scale):
+    """exp(x - lse) with lse = max + log(sum) in fp32 loses log(sum) when |max| >> log(sum); max and 1/sum do not."""
+    case = Case(family="vocab_parallel", N=32, V=512)
+    gen = torch.Generator().manual_seed(1234)
+    logits = (torch.rand(case.N, case.V, generator=gen) * 2 - 1) * scale
+    pristine = {"logits": logits, "targets": make_inputs(case, "cpu")["targets"]}
+    grad_output = make_grad_output(case, "cpu")
+    inputs = fresh_inputs(pristine, case)
+    loss = call(impls["vp_fused"], case, inputs)
+    loss.backward(grad_output)
+    agreements = compare({"loss": loss.detach(), "logits": inputs["logits"].grad}, reference(case, pristine, grad_output),
+                         case.dtype)
+    assert all(a.ok for a in agreements), agreements
+
+
+def test_fused_gradient_of_tied_bf16_logits_near_the_maximum(impls):
+    """Four bf16 logits tied at 3e38: softmax 1/4 each (it came out as 1 each), loss log 4."""
+    x = torch.full((1, 4), 3e38).to(torch.bfloat16).requires_grad_()
+    loss = impls["vp_fused"].fn(x, torch.tensor([0]), reduction="sum")
+    loss.backward()
+    assert x.grad.float().tolist() == [[-0.75, 0.25, 0.25, 0.25]]
+    assert abs(loss.item() - 1.386) < 0.01
+
+
+def test_fused_bad_targets_give_nan_rows_without_reading_outside(impls):
+    """A target >= V or negative (not ignore_index) is held by no shard: NaN loss and gradient for that row only."""
+    logits = torch.randn(4, 8)
+    targets = torch.tensor([1, 8, -3, -100])
+    x = logits.clone().requires_grad_()
+    rows = impls["vp_fused"].fn(x, targets, reduction="none")
+    rows.backward(torch.ones(4))
+    assert rows[0].isfinite() and rows[1].isnan() and rows[2].isnan() and rows[3] == 0
+    assert x.grad[1].isnan().all() and x.grad[2].isnan().all()
+    assert x.grad[0].isfinite().all() and (x.grad[3] == 0).all()
+
+
+@pytest.mark.parametrize("name", ["vp_allreduce", "vp_fused", "vp_linear_allreduce"])
+def test_forward_only_without_grad(impls, name):
+    """Evaluation (no_grad, or nothing requires grad): no autograd node, and the logits are not overwritten."""
+    case = Case(family="vocab_parallel_linear" if "linear" in name else "vocab_parallel", N=16, V=64,
+                H=8 if "linear" in name else None)
+    pristine = make_inputs(case, "cpu")
+    expected = impls[name].fn(*(v.clone().requires_grad_(k != "targets") for k, v in pristine.items()))
+    for grad_mode in (False, True):
+        inputs = {k: v.clone() for k, v in pristine.items()}
+        with torch.set_grad_enabled(grad_mode):
+            loss = impls[name].fn(*inputs.values())
+        assert loss.grad_fn is None
+        assert all(torch.equal(inputs[k], pristine[k]) for k in inputs)
+        assert torch.allclose(loss, expected.detach())
+
+
+@pytest.mark.parametrize("name", ["vp_allreduce", "vp_fused", "vp_linear_allreduce"])
+def test_second_backward_raises_the_single_use_contract(impls, name):
+    case = Case(family="vocab_parallel_linear" if "linear" in name else "vocab_parallel", N=16, V=64,
+                H=8 if "linear" in name else None)
+    inputs = fresh_inputs(make_inputs(case, "cpu"), case)
+    loss = call(impls[name], case, inputs)
+    leaves = [v for v in inputs.values() if v.requires_grad]
+    torch.autograd.grad(loss, leaves, retain_graph=True)
+    with pytest.raises(RuntimeError, match=f"{name}: backward can run only once per forward"):
+        torch.autograd.grad(loss, leaves)
+
+
 def test_shard_bounds_cover_the_vocabulary_once():
     for V, world in [(4099, 2), (10, 3), (7, 7), (16384, 8)]:
         bounds = [distributed.shard_bounds(V, world, r) for r in range(world)]
@@ -94,6 +170,14 @@ def _write_suite(path: Path, V: int = 515) -> Path:
         H = [16]
         world_size = [2, 4]
         modes = ["forward+backward"]
+        [[sweep]]
+        family = "vocab_parallel"
+        N = [16]
+        V = [{V}]
+        world_size = [2]
+        ignore_frac = [1.0]
+        modes = ["forward"]
+        impls = ["vp_allreduce"]
     """))
     return path
 
@@ -133,7 +217,8 @@ def two_ranks(tmp_path_factory):
     env = {**os.environ, distributed.ENV_TIMEOUT: "30"}
     proc = subprocess.run([sys.executable, "-m", "cebench", "run", "--nproc", "2", "--out", str(tmp / "runs"),
                            "--suite", str(_write_suite(tmp / "suite.toml")), "--plugin", str(plugin),
-                           "--impl", ",".join(("vp_raises_on_rank1", "vp_no_comm", *GOOD))],
+                           "--plugin", str(REPO / "tests" / "plugins" / "vp_reduce_hidden.py"),
+                           "--impl", ",".join(("vp_raises_on_rank1", "vp_no_comm", "vp_reduce_hidden", *GOOD))],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     run_dir = Path(proc.stdout.strip().splitlines()[-1]) if proc.stdout.strip() else None
     return proc, read_results(run_dir) if run_dir else None
@@ -142,17 +227,37 @@ def two_ranks(tmp_path_factory):
 def test_two_gloo_ranks_agree_and_count_bytes(two_ranks):
     proc, rows = two_ranks
     assert rows is not None, proc.stderr[-3000:]
-    agreement = rows[rows.metric == "agreement"].set_index(["impl", "world_size"])
+    agreement = rows[(rows.metric == "agreement") & (rows.ignore_frac < 1)].set_index(["impl", "world_size"])
     for name in GOOD:
         assert agreement.loc[(name, 2), "status"] == "ok", agreement.loc[(name, 2), "reason"]
-        assert "gathered from 2 ranks" in agreement.loc[(name, 2), "reason"]
+        assert "checked on every one of 2 ranks" in agreement.loc[(name, 2), "reason"]
+        assert "rank 0:" in agreement.loc[(name, 2), "reason"] and "rank 1:" in agreement.loc[(name, 2), "reason"]
     assert agreement.loc[("vp_linear_allreduce", 4), "status"] == "skipped"  # world size 4 > --nproc 2
-    comm = rows[rows.metric == "comm_bytes"].set_index("impl")["value"]
+    comm = rows[(rows.metric == "comm_bytes") & (rows.ignore_frac < 1)].set_index("impl")["value"]
     assert comm["vp_allreduce"] == 3 * 32 * 4  # three all-reduces of N fp32
     assert comm["vp_fused"] == 2 * 32 * 3 * 4  # one all-gather of (max, sum-exp, target) from 2 ranks
     assert comm["vp_linear_allreduce"] == 3 * 32 * 4 + 32 * 16 * 4  # + the hidden gradient's all-reduce
     times = rows[(rows.metric == "time") & (rows.status == "ok")]
     assert set(GOOD) <= set(times.impl) and (times.world_size == 2).all() and (times.value > 0).all()
+    assert (times[times.impl != "vp_fused"].n >= 2).all()  # min_repeats (vp_fused: interpreted, timed once)
+
+
+def test_every_rank_is_checked_not_only_rank_0(two_ranks):
+    """Planted: the hidden gradient reduced onto rank 0 only. Rank 0 is right, rank 1 is not, and that is seen."""
+    proc, rows = two_ranks
+    agreement = rows[(rows.metric == "agreement") & (rows.world_size == 2)].set_index("impl")
+    row = agreement.loc["vp_reduce_hidden"]
+    assert row["status"] == "failed" and "DISAGREES" in row["reason"], row["reason"]
+    assert "rank 1: hidden" in row["reason"] and "rank 0: hidden" not in row["reason"].split("every rank")[0]
+    assert any("vp_reduce_hidden" in line for line in proc.stderr.splitlines() if "PROBLEM" in line)
+
+
+def test_all_ignored_mean_agrees_across_ranks(two_ranks):
+    """Every target ignored: every rank returns NaN, as PyTorch and the reference do: equal, not a disagreement."""
+    _, rows = two_ranks
+    cell = rows[(rows.ignore_frac == 1.0) & (rows.impl == "vp_allreduce")].set_index("metric")
+    assert cell.loc["agreement", "status"] == "ok", cell.loc["agreement", "reason"]
+    assert cell.loc["loss_spread_across_ranks", "value"] == 0.0
 
 
 def test_failing_rank_ends_its_group_and_the_run_goes_on(two_ranks):
@@ -163,4 +268,94 @@ def test_failing_rank_ends_its_group_and_the_run_goes_on(two_ranks):
     assert "rank 1: RuntimeError: boom on rank 1" in agreement.loc["vp_raises_on_rank1", "reason"]
     assert agreement.loc["vp_no_comm", "status"] == "failed"
     assert "DISAGREES" in agreement.loc["vp_no_comm", "reason"]
-    assert agreement.loc["vp_allreduce", "status"] == "ok"  # launched again for the cells left
+    assert agreement.loc[["vp_allreduce"], "status"].eq("ok").all()  # launched again for the cells left
+
+
+def test_loss_spread_is_nan_aware():
+    from cebench.vp_check import loss_spread
+
+    nan, inf = float("nan"), float("inf")
+    assert loss_spread([[nan], [nan], [nan]]) == 0.0  # every rank NaN, as PyTorch for a mean over no targets
+    assert loss_spread([[inf, 1.0], [inf, 1.0]]) == 0.0
+    assert loss_spread([[1.0], [nan]]) == inf and loss_spread([[nan], [1.0]]) == inf
+    assert loss_spread([[1.0, 2.0], [1.0, 2.5]]) == 0.5
+
+
+def test_vocabulary_smaller_than_world_is_a_usage_error(tmp_path):
+    """V=3 on 4 ranks would leave a rank without a column: exit 2 naming V and the world size, before any launch."""
+    suite = tmp_path / "tiny.toml"
+    suite.write_text('name = "tiny-vp"\n[[sweep]]\nfamily = "vocab_parallel"\nN = [8]\nV = [3]\nworld_size = [4]\n')
+    with pytest.raises(distributed.CaseError, match="V=3 cannot be sharded over world size 4"):
+        distributed.plan(load(suite), nproc=4)
+    proc = subprocess.run([sys.executable, "-m", "cebench", "run", "--nproc", "4", "--suite", str(suite),
+                           "--out", str(tmp_path / "runs"), "--impl", "vp_allreduce"],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "V=3 cannot be sharded over world size 4" in proc.stderr
+    assert not (tmp_path / "runs").exists() and "torch.distributed.run" not in proc.stderr
+
+
+def test_world_sizes_beyond_the_gpus_are_skipped_before_any_launch(monkeypatch, impls):
+    """One GPU and --nproc 4: world sizes 2 and 4 are skipped once each, with the reason; nothing is launched."""
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(distributed, "launch", lambda *a, **k: pytest.fail("launched"))
+    suite = load(REPO / "suites" / "tp.toml")
+    cases = [c for c, _, _ in suite.cells() if c.family == "vocab_parallel"]
+    split = distributed.Plan(suite, {2: [(c, ("forward",), None) for c in cases[:2]],
+                                     4: [(c, ("forward",), None) for c in cases[2:3]]}, [])
+
+    class Rows(list):
+        write_row = list.append
+
+    rows, logs = Rows(), []
+    outcome = type("Outcome", (), {"failed": [], "disagreed": [], "cells": 0})()
+    distributed.run_launches(split, [impls["vp_allreduce"]], "cuda", rows, "run", REPO / "nowhere", [], outcome,
+                             logs.append)
+    assert rows and all(r["status"] == "skipped" for r in rows)
+    assert {r["reason"] for r in rows} == {"world size 2 needs 2 GPUs (one per NCCL rank); this machine has 1",
+                                           "world size 4 needs 4 GPUs (one per NCCL rank); this machine has 1"}
+    assert sum("skipped" in line for line in logs) == 2  # once per world size, not once per cell
+    assert distributed.unrunnable_worlds([1, 2], "cpu") == {}
+
+
+def test_rank_clock_on_cuda_flushes_then_aligns_then_times_with_events(monkeypatch):
+    """The CUDA path, on the CPU: L2 flush, then the rank barrier, then events around the call only."""
+    from cebench import rank_runner
+
+    calls = []
+
+    class Event:
+        def __init__(self, enable_timing):
+            assert enable_timing
+
+        def record(self):
+            calls.append("record")
+            self.at = len(calls)
+
+        def elapsed_time(self, other):
+            return float(other.at - self.at)
+
+    class Flush:
+        def zero_(self):
+            calls.append("flush")
+
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: calls.append("sync"))
+    clock = rank_runner.Clock("cuda:0", flush=Flush())
+    assert clock.cuda
+    for _ in range(3):
+        elapsed = clock.time(lambda state: calls.append(f"call {state}"), 7, before=lambda: calls.append("barrier"))
+        assert elapsed == 2.0  # from the start event to the end event: the call alone
+    assert calls == ["flush", "barrier", "record", "call 7", "record", "sync"] * 3
+
+
+def test_rank_call_counts_reach_min_repeats():
+    """A 500 ms call still gets min_repeats timed calls on CUDA (do_bench alone would give one)."""
+    from cebench.measure import TimingPlan
+    from cebench.rank_runner import call_counts
+
+    plan = TimingPlan(min_repeats=5, max_repeats=50, cuda_warmup_ms=25, cuda_rep_ms=100, warmup=2, min_time_s=0.2)
+    assert call_counts(plan, 500.0, cuda=True) == (1, 5)
+    assert call_counts(plan, 0.01, cuda=True) == (2500, 250)
+    assert call_counts(plan, 500.0, cuda=False) == (1, 5)
+    assert call_counts(plan, 1.0, cuda=False) == (1, 50)
