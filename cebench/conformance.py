@@ -1,142 +1,212 @@
-"""Conformance matrix: how every implementation behaves on the edge cases real training hits.
+"""Conformance matrix: how every implementation behaves where real training and evaluation go.
 
 `python -m cebench conformance` runs each implementation (in its own worker process, as
-`run` does) on a fixed list of small scenarios and compares loss and gradients with the
-float64 reference (cebench.reference, NaN agreeing with NaN):
+`run` does) on the scenarios of cebench/conformance_scenarios.py: edge-case inputs (all or
+some targets ignored, V=1, odd V, N=1, N=0, huge and −inf logits, confident predictions in
+bf16/fp16, non-contiguous inputs, int32 targets), options alone and at their extremes
+(label smoothing 1.0, smoothing with ignored rows, z-loss per token, small softcaps on
+unaligned V, options given as Python ints), reductions with signed upstream gradients,
+and the ways training code calls a loss (autocast, frozen features, a second backward,
+evaluation under no_grad). Loss and gradients are compared with the float64 reference
+(cebench.reference, NaN agreeing with NaN).
 
-  all ignored      every target is ignore_index; PyTorch's mean is NaN (0/0): each
-                   implementation's returned loss is recorded next to it
-  some ignored     half the targets ignored
-  V=1, odd V, N=1  degenerate and unaligned sizes
-  huge fp32        logits uniform in ±1e4 (exp overflows without the max shift)
-  huge bf16/fp16   logits near the dtype's largest finite value
-  -inf logits      −inf at a quarter of the non-target classes (masked vocabularies)
-  label smoothing  ε = 0.1
-  sum, none        the other reductions
-  non-contiguous   column-major logits (hidden and weight for the linear family)
-  int32 targets    targets as int32 instead of int64
-
-Each cell is `agrees`, `differs` (with the worst error, or inputs mutated against the
-declaration), `unsupported` (the declaration
-says so), `error` (with the message: an exception, a crash or a time-out) or `n/a`
-(the scenario does not apply to the family). Inputs are validated before any call.
-The result is a Markdown table plus a tidy CSV, written to reports/conformance/.
+A cell is
+  agrees       loss and every gradient asked for within tolerance, inputs as declared
+  differs      the worst error, a missing gradient, inputs mutated against the declaration or
+               in evaluation, a silent finite loss for an out-of-range target, a second
+               backward that silently differs
+  rejects      an out-of-range target gave an error or a NaN (what PyTorch does): detail says which
+  refuses      a second backward raised an error that names its single-use contract
+  unsupported  the declaration says so (never called)
+  error        an exception, a crash or a time-out where a result was due
+  n/a          the scenario does not apply to the family
+Inputs are validated before every call except in the bad-target scenarios, which call the
+implementation directly. `conformance` exits 1 on differs and error only. The result is a
+Markdown table per family (scenarios as rows) plus a tidy CSV, written to reports/conformance/.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import datetime as dt
 import math
+import re
 import tempfile
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from cebench.cases import Case, differentiable_names, make_grad_output, make_inputs
+from cebench.cases import IGNORE_INDEX
+from cebench.conformance_scenarios import BAD_ROW, BY_NAME, FAMILIES, SCENARIOS, Built, Scenario, build, unmet
 from cebench.isolate import Worker, WorkerDied, source_file
 from cebench.reference import compare, reference
 from cebench.registry import Impl
-from cebench.runner import MUTATION_LIE, _backward, _describe, call, fresh_inputs, mutated_inputs
+from cebench.runner import MUTATION_LIE, _describe, mutated_inputs
 from cebench.validate import check_inputs
 
 REPORTS_DIR = Path(__file__).resolve().parent.parent / "reports" / "conformance"
-FAMILIES = ("logits", "linear")
-BASE = {"N": 64, "V": 512, "dtype": "float32", "reduction": "mean"}
-H = 64
 COLUMNS = ["impl", "family", "scenario", "status", "detail", "rel_err", "loss", "mutated"]
-
-
-@dataclass(frozen=True)
-class Scenario:
-    name: str
-    case: dict = field(default_factory=dict)  # Case fields over BASE
-    tweak: str | None = None  # input change: huge, neg_inf, noncontig, int32
-    families: tuple[str, ...] = FAMILIES
-
-
-SCENARIOS = (
-    Scenario("all ignored", {"ignore_frac": 1.0}),
-    Scenario("some ignored", {"ignore_frac": 0.5}),
-    Scenario("V=1", {"V": 1}),
-    Scenario("odd V", {"V": 997}),
-    Scenario("N=1", {"N": 1}),
-    Scenario("huge fp32", {}, "huge"),
-    Scenario("huge bf16", {"dtype": "bfloat16", "N": 8}, "huge", ("logits",)),
-    Scenario("huge fp16", {"dtype": "float16", "N": 8}, "huge", ("logits",)),
-    Scenario("-inf logits", {}, "neg_inf", ("logits",)),
-    Scenario("label smoothing", {"label_smoothing": 0.1}),
-    Scenario("sum", {"reduction": "sum"}),
-    Scenario("none", {"reduction": "none"}),
-    Scenario("non-contiguous", {}, "noncontig"),
-    Scenario("int32 targets", {}, "int32"),
-)
-BY_NAME = {s.name: s for s in SCENARIOS}
-
-
-def build(scenario: Scenario, family: str, device: str):
-    """(case, inputs for the reference, inputs for the call): deterministic from the scenario."""
-    case = Case(family=family, **{**BASE, **({"H": H} if family == "linear" else {}), **scenario.case})
-    inputs = make_inputs(case, device)
-    gen = torch.Generator(device=device).manual_seed(1234)
-    big = "logits" if family == "logits" else "weight"
-    if scenario.tweak == "huge" and family == "logits" and case.dtype == "float32":
-        inputs["logits"] = (torch.rand(case.N, case.V, generator=gen, device=device) * 2 - 1) * 1e4
-    elif scenario.tweak == "huge" and family == "logits":
-        top = torch.finfo(case.torch_dtype).max
-        spread = torch.randn(case.N, case.V, generator=gen, device=device).clamp(-2, 2)
-        inputs["logits"] = (top * (0.9 + 0.02 * spread)).to(case.torch_dtype)
-    elif scenario.tweak == "huge":  # linear: a weight that makes hidden @ weight.T reach ~1e4
-        inputs["weight"] = inputs["weight"] * 5e3
-    elif scenario.tweak == "neg_inf":
-        mask = torch.rand(case.N, case.V, generator=gen, device=device) < 0.25
-        mask[torch.arange(case.N, device=device), inputs["targets"]] = False
-        inputs["logits"] = inputs["logits"].masked_fill(mask, float("-inf"))
-    call_inputs = dict(inputs)
-    if scenario.tweak == "noncontig":
-        for name in differentiable_names(case):
-            call_inputs[name] = inputs[name].t().contiguous().t()  # same values, column-major
-        assert not call_inputs[big].is_contiguous()
-    elif scenario.tweak == "int32":
-        call_inputs["targets"] = inputs["targets"].to(torch.int32)
-    return case, inputs, call_inputs
+FAILING = ("differs", "error")  # the statuses that make `cebench conformance` exit 1
+# a second backward that refuses must say why: PyTorch's own wording, or a single-use contract
+SINGLE_USE = re.compile(r"second time|twice|more than once|only once|single[- ]use|retain_graph|already been freed",
+                        re.IGNORECASE)
 
 
 def evaluate(impl: Impl, scenario: Scenario, device: str) -> dict:
     """One cell: status and detail of `impl` on `scenario`."""
     if impl.family not in scenario.families:
         return {"status": "n/a", "detail": f"not applicable to the {impl.family} family"}
-    case, ref_inputs, call_inputs = build(scenario, impl.family, device)
-    reason = impl.unavailable_reason() or impl.unsupported_reason(case, device.split(":")[0])
+    built = build(scenario, impl, device)
+    reason = impl.unavailable_reason() or unmet(scenario, impl) or impl.unsupported_reason(built.case,
+                                                                                          device.split(":")[0])
     if reason:
         return {"status": "unsupported", "detail": reason}
-    check_inputs(case, call_inputs)  # before any kernel runs
-    grad_output = make_grad_output(case, device)
-    ref = reference(case, ref_inputs, grad_output)
-    inputs = fresh_inputs(call_inputs, case)
+    if scenario.mode == "bad_target":
+        return _bad_target(impl, scenario, built)
+    check_inputs(built.case, built.call_inputs)  # before any kernel runs
+    ref = reference(built.case, built.ref_inputs, built.grad_output)
+    modes = {"train": _train, "twice": _twice, "eval_no_grad": _eval, "eval_plain": _eval}
+    return modes[scenario.mode](impl, scenario, built, ref)
+
+
+def _fresh(built: Built, grads: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    return {k: v.clone().requires_grad_(k in grads) for k, v in built.call_inputs.items()}
+
+
+def _call(impl: Impl, scenario: Scenario, built: Built, inputs: dict) -> torch.Tensor:
+    names = ("hidden", "weight", "targets") if built.case.family == "linear" else ("logits", "targets")
+    context = contextlib.nullcontext()
+    if scenario.autocast:
+        context = torch.autocast(next(iter(inputs.values())).device.type, dtype=getattr(torch, scenario.autocast))
+    with context:
+        return impl.fn(*(inputs[n] for n in names), **built.kwargs)
+
+
+def _backward(loss: torch.Tensor, built: Built, **kwargs) -> None:
+    loss.backward(built.grad_output.to(loss.dtype), **kwargs)
+
+
+def _check(loss, grads: dict, built: Built, ref: dict) -> dict:
+    """Status and detail of a loss and its gradients against the reference."""
+    outputs = {"loss": loss.detach(), **grads}
+    wanted = ("loss", *grads)  # frozen inputs and evaluation: only what was asked for is judged
+    agreements = [a for a in compare(outputs, ref, built.tolerance_dtype) if a.quantity.split(" ")[0] in wanted]
+    worst = max(agreements, key=lambda a: (not a.ok, a.rel_err / a.tolerance if a.tolerance > 0 else math.inf))
+    missing = [n for n, g in grads.items() if g is None]
+    detail = "".join(f"no gradient for {n} (.grad is None); " for n in missing) + worst.describe()
+    value = float(loss.detach().float()) if loss.numel() == 1 else None
+    return {"status": "agrees" if all(a.ok for a in agreements) else "differs", "detail": detail,
+            "rel_err": worst.rel_err, "loss": value}
+
+
+def _train(impl: Impl, scenario: Scenario, built: Built, ref: dict) -> dict:
+    inputs = _fresh(built, built.grads)
     try:
-        loss = call(impl, case, inputs)
-        _backward(loss, grad_output)
+        loss = _call(impl, scenario, built, inputs)
+        _backward(loss, built)
     except Exception as exc:
         return {"status": "error", "detail": _describe(exc)}
-    outputs = {"loss": loss.detach(), **{n: inputs[n].grad for n in differentiable_names(case)}}
-    agreements = compare(outputs, ref, case.dtype)
-    worst = max(agreements, key=lambda a: a.rel_err / a.tolerance)
-    ok = all(a.ok for a in agreements)
-    value = float(loss.detach().float()) if loss.numel() == 1 else None
-    detail = worst.describe()
+    cell = _check(loss, {n: inputs[n].grad for n in built.grads}, built, ref)
     if scenario.name == "all ignored":
-        detail = f"returns loss {value!r} (PyTorch: nan); {detail}"
-    mutated = mutated_inputs(inputs, call_inputs)
-    lied = bool(mutated) and not impl.mutates_inputs
-    if lied:
-        detail = f"{MUTATION_LIE} (mutated: {', '.join(mutated)}); {detail}"
+        cell["detail"] = f"returns loss {cell['loss']!r} (PyTorch: nan); {cell['detail']}"
+    if scenario.split_target and inputs["logits"].grad is not None:
+        cell["detail"] += "; " + _target_split(inputs["logits"].grad, ref["logits"], built.call_inputs["targets"])
+    return _mutation(impl, inputs, built, cell)
+
+
+def _mutation(impl: Impl, inputs: dict, built: Built, cell: dict) -> dict:
+    mutated = mutated_inputs(inputs, built.call_inputs)
+    cell["mutated"] = bool(mutated)
+    if mutated and not impl.mutates_inputs:
+        cell.update(status="differs", detail=f"{MUTATION_LIE} (mutated: {', '.join(mutated)}); {cell['detail']}")
     elif mutated:
-        detail += f"; mutated {', '.join(mutated)} (declared)"
-    return {"status": "agrees" if ok and not lied else "differs", "detail": detail, "rel_err": worst.rel_err,
-            "loss": value, "mutated": bool(mutated)}
+        cell["detail"] += f"; mutated {', '.join(mutated)} (declared)"
+    return cell
+
+
+def _target_split(grad: torch.Tensor, expected: torch.Tensor, targets: torch.Tensor) -> str:
+    """Normwise relative error of the logits gradient at the target class, and over the rest of each row."""
+    got = grad.detach().to(expected.device, torch.float64)
+    rows = (targets != IGNORE_INDEX).nonzero().flatten()
+    at_target = torch.zeros_like(expected, dtype=torch.bool)
+    at_target[rows, targets[rows].long()] = True
+    rest = ~at_target
+    rest[targets == IGNORE_INDEX] = False
+
+    def rel(mask) -> float:
+        size = expected[mask].norm()
+        return float((got[mask] - expected[mask]).norm() / size) if size > 0 else float((got[mask]).norm())
+
+    return f"target class: rel {rel(at_target):.1e}; rest of row: rel {rel(rest):.1e}"
+
+
+def _twice(impl: Impl, scenario: Scenario, built: Built, ref: dict) -> dict:
+    """Backward with retain_graph=True, then again: right both times, or a clear single-use error."""
+    inputs = _fresh(built, built.grads)
+    try:
+        loss = _call(impl, scenario, built, inputs)
+        _backward(loss, built, retain_graph=True)
+    except Exception as exc:
+        return {"status": "error", "detail": "first backward: " + _describe(exc)}
+    first = _check(loss, {n: _take_grad(inputs[n]) for n in built.grads}, built, ref)
+    if first["status"] != "agrees":
+        return {**first, "detail": "first backward: " + first["detail"]}
+    try:
+        _backward(loss, built)
+    except Exception as exc:
+        clear = bool(SINGLE_USE.search(str(exc)))
+        return {"status": "refuses" if clear else "error",
+                "detail": "second backward: " + _describe(exc) + ("" if clear else " (names no single-use contract)")}
+    second = _check(loss, {n: inputs[n].grad for n in built.grads}, built, ref)
+    return {**second, "detail": "second backward: " + second["detail"]}
+
+
+def _take_grad(tensor: torch.Tensor):
+    """A copy of the gradient (some kernels keep writing into theirs), and .grad reset for the next pass."""
+    grad = None if tensor.grad is None else tensor.grad.detach().clone()
+    tensor.grad = None
+    return grad
+
+
+def _eval(impl: Impl, scenario: Scenario, built: Built, ref: dict) -> dict:
+    """Forward only, as an eval loop calls it: the loss agrees and no input changes, whatever is declared."""
+    no_grad = scenario.mode == "eval_no_grad"
+    inputs = _fresh(built, built.grads if no_grad else ())
+    try:
+        with torch.no_grad() if no_grad else contextlib.nullcontext():
+            loss = _call(impl, scenario, built, inputs)
+    except Exception as exc:
+        return {"status": "error", "detail": _describe(exc)}
+    cell = _check(loss, {}, built, ref)
+    mutated = mutated_inputs(inputs, built.call_inputs)
+    cell["mutated"] = bool(mutated)
+    if mutated:
+        cell.update(status="differs", detail=f"overwrote {', '.join(mutated)} in evaluation "
+                                             f"(declared mutates_inputs={impl.mutates_inputs}); {cell['detail']}")
+    return cell
+
+
+def _bad_target(impl: Impl, scenario: Scenario, built: Built) -> dict:
+    """Called directly with an out-of-range target: an error or a NaN is right, a finite loss is not."""
+    bad = int(built.call_inputs["targets"][BAD_ROW])
+    inputs = _fresh(built, built.grads)
+    try:
+        loss = _call(impl, scenario, built, inputs)
+        finite = bool(torch.isfinite(loss.detach()).all())  # a host sync: an asynchronous device error shows here
+    except Exception as exc:
+        return {"status": "rejects", "detail": "error: " + _describe(exc)}
+    if not finite:
+        return {"status": "rejects", "detail": f"NaN: non-finite loss for target {bad} (V={built.case.V})"}
+    value = float(loss.detach().float().sum())
+    try:
+        _backward(loss, built)
+    except Exception as exc:
+        return {"status": "rejects", "detail": f"error: in backward only (the forward returned {value:g}): "
+                                               + _describe(exc)}
+    return {"status": "differs", "detail": f"silently returned a finite loss ({value:g}) for target {bad} "
+                                           f"with V={built.case.V}", "loss": value}
 
 
 def scenario_task(impl: Impl, scenario: str, device: str) -> Iterator[tuple]:
@@ -186,21 +256,15 @@ def _cell(worker, impl: Impl, scenario: Scenario, device: str, timeout) -> dict:
 
 
 def _short(row: dict) -> str:
-    status = row["status"]
-    if status == "agrees":
-        text = "agrees"
-        if row["scenario"] == "all ignored":
-            text += f" ({_loss_text(row.get('loss'))})"
-        return text
+    status, detail = row["status"], str(row.get("detail", ""))
+    text = {"error": "**error**", "rejects": f"rejects ({'error' if detail.startswith('error') else 'NaN'})"}.get(status,
+                                                                                                            status)
     if status == "differs":
         rel = row.get("rel_err")
         text = f"**differs** (rel {rel:.1e})" if isinstance(rel, float) and math.isfinite(rel) else "**differs**"
-        if row["scenario"] == "all ignored":
-            text += f" ({_loss_text(row.get('loss'))})"
-        return text
-    if status == "error":
-        return "**error**"
-    return status
+    if row["scenario"] == "all ignored" and status in ("agrees", "differs"):
+        text += f" ({_loss_text(row.get('loss'))})"
+    return text
 
 
 def _loss_text(value) -> str:
@@ -208,16 +272,33 @@ def _loss_text(value) -> str:
 
 
 def markdown(rows: list[dict], device: str) -> str:
-    impls = list(dict.fromkeys(r["impl"] for r in rows))
+    """A table per family, a row per scenario and a column per implementation; then what needs a word."""
     cells = {(r["impl"], r["scenario"]): r for r in rows}
-    names = [s.name for s in SCENARIOS if any(r["scenario"] == s.name for r in rows)]
+    order = {s.name: i for i, s in enumerate(SCENARIOS)}
     lines = [f"# Conformance on {device}", "",
-             "Each cell compares loss and gradients with the float64 reference (cebench/reference.py). "
-             "For *all ignored* PyTorch's mean is NaN; the loss each implementation returns is shown.", "",
-             "| implementation | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
-    for impl in impls:
-        lines.append(f"| `{impl}` | " + " | ".join(_short(cells[(impl, n)]) for n in names) + " |")
-    details = [r for r in rows if r["status"] in ("differs", "error")]
+             "Each cell compares loss and gradients with the float64 reference (cebench/reference.py); the scenarios "
+             "are described in cebench/conformance_scenarios.py. For *all ignored* PyTorch's mean is NaN; the loss "
+             "each implementation returns is shown. *rejects*: an out-of-range target gave an error or a NaN, as "
+             "expected; *refuses*: a second backward raised an error naming a single-use contract."]
+    for family in dict.fromkeys(r["family"] for r in rows):
+        mine = [r for r in rows if r["family"] == family]
+        impls = list(dict.fromkeys(r["impl"] for r in mine))
+        names = sorted(dict.fromkeys(r["scenario"] for r in mine if r["status"] != "n/a"),
+                       key=lambda n: order.get(n, len(order)))
+        lines += ["", f"## {family} family", ""]
+        if not names:
+            lines.append(f"Every scenario n/a for {', '.join(f'`{i}`' for i in impls)}: {mine[0]['detail']}.")
+            continue
+        lines += ["| scenario | " + " | ".join(f"`{i}`" for i in impls) + " |", "|---" * (len(impls) + 1) + "|"]
+        for name in names:
+            row = [_short(cells[(i, name)]) if (i, name) in cells else "" for i in impls]
+            lines.append(f"| {name} | " + " | ".join(row) + " |")
+    split = [r for r in rows if r["status"] in ("agrees", "differs") and "target class: rel" in str(r.get("detail"))]
+    if split:
+        lines += ["", "## Confident predictions: gradient error at the target class and over the rest of the row", ""]
+        lines += [f"- `{r['impl']}` / {r['scenario']}: target class: {r['detail'].split('; target class: ')[-1]}"
+                  for r in split]
+    details = [r for r in rows if r["status"] in (*FAILING, "refuses")]
     if details:
         lines += ["", "## Details", ""]
         lines += [f"- `{r['impl']}` / {r['scenario']}: {r['status']}: {r['detail']}" for r in details]
