@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from cebench import conformance, distributed, registry, resume, suites
+from cebench import conformance, distributed, models, registry, resume, suites
 from cebench.cases import CaseError
 from cebench.probe import run_probe
 from cebench.report import write_reports
@@ -64,7 +64,7 @@ def _check_device(device: str) -> str:
 
 def _recorded_args(args) -> tuple[Path, dict]:
     """--resume RUN_DIR: the run directory and the arguments it was started with (none may be given again)."""
-    given = [f"--{k.replace('_', '-')}" for k in ("suite", "impl", "device", "out") if getattr(args, k)]
+    given = [f"--{k.replace('_', '-')}" for k in ("suite", "impl", "device", "out", "model", "tokens") if getattr(args, k)]
     given += ["--timeout"] * (args.timeout is not None) + ["--nproc"] * (args.nproc != 1)
     if given or args.plugin or args.no_isolate:
         raise UsageError(f"--resume takes the run's arguments from its env.json; do not give {given or '--plugin'}")
@@ -84,10 +84,12 @@ def cmd_run(args) -> int:
         args.suite, args.impl, args.plugin = recorded["suite"], recorded["impl"], recorded["plugin"]
         args.device, args.timeout, args.no_isolate = recorded["device"], recorded["timeout"], not recorded["isolate"]
         args.nproc = recorded.get("nproc", 1)
+        args.model, args.tokens = recorded.get("model"), recorded.get("tokens")
+        args.suite = None if args.model else args.suite  # a preset run is rebuilt from its models, not a file
     if args.timeout is None:
         args.timeout = DEFAULT_TIMEOUT_S
     device = _check_device(args.device or detect_device())
-    suite = suites.load(args.suite or suites.DEFAULT_SUITE[device.split(":")[0]])
+    suite = _model_suite(args) or suites.load(args.suite or suites.DEFAULT_SUITE[device.split(":")[0]])
     _load_impls(args.plugin)
     impls = registry.select(_split(args.impl))
     done: set = set()
@@ -107,7 +109,11 @@ def cmd_run(args) -> int:
         # what --resume needs to finish this run exactly as it was started
         plugins = [str(Path(p).resolve()) if Path(p).is_file() else p for p in args.plugin]
         env["run_args"] = {"suite": str(suite.path.resolve()), "impl": args.impl, "plugin": plugins, "device": device,
-                           "timeout": args.timeout, "isolate": not args.no_isolate, "nproc": args.nproc}
+                           "timeout": args.timeout, "isolate": not args.no_isolate, "nproc": args.nproc,
+                           "model": args.model, "tokens": args.tokens}
+        if args.model:  # which model each (V, H) of the run is, until the rows carry a model column
+            env["models"] = {f"V={v} H={h}": name for (v, h), name in
+                             models.labels(models.resolve(_split(args.model))).items()}
     # vocab-parallel cases at world size > 1 go to torchrun; one the sharding cannot serve is a usage
     # error (exit 2) here, before the run directory exists or anything is launched
     split = distributed.plan(suite, args.nproc)
@@ -131,7 +137,27 @@ def cmd_run(args) -> int:
     return EXIT_IMPL_FAILED if outcome.disagreed or outcome.failed else EXIT_OK
 
 
+def _model_suite(args):
+    """--model NAMES --tokens N,...: a suite built from the model presets (cebench.models), else None."""
+    if args.tokens and not args.model:
+        raise UsageError("--tokens goes with --model (a suite file gives its own token counts)")
+    if not args.model:
+        return None
+    if args.suite:
+        raise UsageError("give either --suite or --model, not both")
+    if not args.tokens:
+        raise UsageError("--model needs --tokens N[,N...] (tokens per step), e.g. --tokens 8192,16384")
+    try:
+        tokens = [int(t) for t in _split(args.tokens) or []]
+    except ValueError as exc:
+        raise UsageError(f"--tokens needs comma-separated positive integers, got {args.tokens!r}") from exc
+    return models.suite(_split(args.model) or [], tokens)
+
+
 def cmd_list(args) -> int:
+    if args.models:
+        print(models.table())
+        return EXIT_OK
     _load_impls(args.plugin)
     print(f"{'name':<22} {'family':<8} {'available':<10} {'mutates':<8} options / devices / dtypes")
     for impl in sorted(registry.registry().values(), key=lambda i: (i.family, i.name)):
@@ -197,6 +223,8 @@ def parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run a suite and write results and a report")
     run.add_argument("--suite", help="suite name in suites/ or path to a .toml file (default: fits the device)")
     run.add_argument("--impl", help="comma-separated implementation names (default: all)")
+    run.add_argument("--model", help="comma-separated model presets instead of a suite (list --models), e.g. qwen3-8b")
+    run.add_argument("--tokens", help="with --model: comma-separated tokens per step (N), e.g. 8192,16384")
     run.add_argument("--plugin", action="append", default=[], help="plugin .py file or module name (repeatable)")
     run.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda if available)")
     run.add_argument("--out", help="directory to create the run directory in (default: results/)")
@@ -214,6 +242,7 @@ def parser() -> argparse.ArgumentParser:
     run.set_defaults(func=cmd_run)
     lst = sub.add_parser("list", help="list implementations, their availability and options")
     lst.add_argument("--plugin", action="append", default=[], help="plugin .py file or module name (repeatable)")
+    lst.add_argument("--models", action="store_true", help="print the model presets (V, H, softcap, source) instead")
     lst.set_defaults(func=cmd_list)
     rep = sub.add_parser("report", help="write the Markdown and HTML reports of a run directory, and the index")
     rep.add_argument("run_dir")
