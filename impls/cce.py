@@ -24,6 +24,18 @@ against the float64 reference by tests/test_peers.py:
   - no label smoothing and no z-loss: the function has no such arguments;
   - `shift` is left False: cebench's targets are already aligned with the rows.
 The loss comes back in float32 whatever the input dtype.
+
+Fairness notes (what a timed call does, read in cut_cross_entropy 25.1.1):
+  - cce, forward computes: each row's log-sum-exp block by block (fp32 accumulators) and the
+    target logit: the loss only, never the logits. The backward recomputes every logits block
+    and forms dE and dC from it, skipping blocks below filter_eps. grad_in_forward: no.
+    mutates: nothing. accumulates in: fp32 inside each block's matmul; across vocabulary
+    blocks (dE) and token blocks (dC) the partial gradients are added, under a lock, into
+    buffers of the embedding dtype (bf16 for bf16 hidden states); the loss is fp32.
+  - cce_torch_compile, forward computes: hidden @ weight.T in the input dtype, then
+    F.cross_entropy on the logits cast to fp32, compiled; the gradient is autograd's, in the
+    backward. grad_in_forward: no. mutates: nothing. accumulates in: fp32 for the softmax and
+    the loss; the matmuls and the returned gradients are in the input dtype.
 """
 
 from __future__ import annotations

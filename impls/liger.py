@@ -19,6 +19,22 @@ against the float64 reference by tests/test_peers.py, matches cebench's contract
   - reductions mean/sum/none and ignore_index (ignored rows get loss 0 and gradient 0).
 Not declared: class weights (`weight` / `ce_weight`), which cebench's cases do not have.
 
+Fairness notes (what a timed call does, read in liger_kernel/ops 0.8.5):
+  - liger, forward computes: the loss and the whole gradient, row by row in one Triton pass,
+    the gradient written over the logits (for an upstream gradient of 1); the backward only
+    scales that buffer (and skips even that when the upstream gradient is exactly 1.0).
+    grad_in_forward: yes. mutates: the logits (the gradient overwrites them in the forward).
+    accumulates in: fp32 within a row; the per-row losses are stored in the input dtype and
+    summed in it, so a bf16 input gives a bf16 loss.
+  - liger_linear, forward computes: per token chunk, logits = hidden @ W.T in the input dtype,
+    the same kernel (gradient over the private logits chunk), grad_hidden = dlogits @ W and
+    grad_weight += dlogits.T @ hidden; one `.item()` host sync per call (the non-ignored
+    count). The backward only scales the stored gradients. grad_in_forward: yes.
+    mutates: nothing the caller owns. accumulates in: fp32 per GEMM and for the loss, but
+    grad_weight is summed across chunks in the weight's dtype (Liger's default accum_dtype=None:
+    bf16 for bf16 weights). With only `weight` requiring grad (frozen features) it returns
+    weight.grad None (issue 17); cebench's cases make both hidden and weight require grad.
+
 On a machine without CUDA the kernels run in the Triton interpreter (TRITON_INTERPRET=1,
 set by the CLI and tests/conftest.py); Liger's device detection then says "cpu" and the
 kernels run as written. The library is imported on first use, not when this file loads:

@@ -26,14 +26,14 @@ Fairness notes (what a timed call does):
     online softmax in registers); the gradient is computed in the backward, which reads the
     logits again. grad_in_forward: no.
     mutates: nothing (inplace_backward is left False, its default: with True the backward would
-    write the gradient over the logits). Accumulates in: fp32; the loss comes back in fp32.
+    write the gradient over the logits). accumulates in: fp32; the loss comes back in fp32.
   - quack_linear, forward computes: per chunk, logits = x @ W.T in the input dtype, the loss,
     dlogits written over that private logits buffer, dx = dlogits @ W, and dW accumulated in an
     fp32 buffer; the backward only scales dx and dW by the upstream gradient (and adds the last
     chunk's dW). grad_in_forward: yes (mean and sum). On an SM90 GPU with bf16, V % 128 == 0 and
     the default chunk size the library itself picks its "scaled-exp" pipeline (fused backward,
     same contract); that choice is QuACK's default and is left to it.
-    mutates: nothing the caller owns. Accumulates in: fp32 (GEMM accumulators, the dW buffer
+    mutates: nothing the caller owns. accumulates in: fp32 (GEMM accumulators, the dW buffer
     across chunks, the loss); dlogits and dx are rounded to the input dtype.
 """
 

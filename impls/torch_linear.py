@@ -22,6 +22,15 @@ accepted by the function but makes it leave the chunked path (it warns and compu
 unchunked reference), so it is not declared: the implementation named here would not be the
 one measured. No z-loss, no softcap. Available only where the installed torch has the
 function and the options class (torch 2.13 has both).
+
+Fairness notes (what a timed call does, torch 2.13):
+  - forward computes: per chunk, the logits, the loss and (under mean and sum) the gradients of
+    hidden and weight, which the backward only scales; under "none" the backward does the work.
+    grad_in_forward: mean and sum. mutates: nothing the caller owns.
+  - accumulates in: fp32 (acc_dtype) for the softmax and the loss with bf16/fp16 inputs. The
+    weight gradient across chunks: "compact" (CUDA bf16/fp16) adds each chunk's product
+    straight into the weight-dtype gradient with addmm_ (fp32 inside one GEMM, rounded to bf16
+    between chunks); "accurate" (CPU bf16/fp16) keeps an fp32 scratch. fp32 inputs: fp32 throughout.
 """
 
 from __future__ import annotations
