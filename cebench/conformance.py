@@ -38,6 +38,7 @@ from pathlib import Path
 
 import torch
 
+from cebench import conformance_vp
 from cebench.cases import IGNORE_INDEX
 from cebench.conformance_scenarios import BAD_ROW, BY_NAME, FAMILIES, SCENARIOS, Built, Scenario, build, unmet
 from cebench.isolate import Worker, WorkerDied, source_file
@@ -222,6 +223,8 @@ def run(impls: list[Impl], device: str, plugins=(), timeout: float | None = 120.
     log_dir = Path(tempfile.mkdtemp(prefix="cebench-conformance-"))
     worker = None
     for impl in impls:
+        if conformance_vp.is_vocab_parallel(impl):
+            continue  # every vocab-parallel one together, below: one launch per world size
         if impl.family not in FAMILIES:
             rows += [{"impl": impl.name, "family": impl.family, "scenario": s.name, "status": "n/a",
                       "detail": f"the {impl.family} family needs several processes"} for s in scenarios]
@@ -236,7 +239,7 @@ def run(impls: list[Impl], device: str, plugins=(), timeout: float | None = 120.
                          **_cell(worker, impl, scenario, device, timeout)})
     if worker is not None:
         worker.stop()
-    return rows
+    return rows + conformance_vp.run(impls, device, plugins, timeout, log, only)
 
 
 def _cell(worker, impl: Impl, scenario: Scenario, device: str, timeout) -> dict:

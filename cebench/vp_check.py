@@ -40,11 +40,14 @@ def shards(case: Case, start: int, stop: int) -> dict[str, tuple[int, int, int]]
 
 
 def rank_check(case: Case, inputs: dict, loss: torch.Tensor, ref, pristine: dict, bounds: tuple[int, int],
-               rank: int) -> dict:
+               rank: int, dtype: str | None = None, wanted: tuple[str, ...] | None = None) -> dict:
     """What this rank found, as a small picklable dict: its agreements, its loss values, inputs it changed.
-    `ref` is the reference of the full inputs (cebench.reference.Reference, streamed in row chunks)."""
+    `ref` is the reference of the full inputs (cebench.reference.Reference, streamed in row chunks);
+    `dtype` the precision judged (default the case's), `wanted` the quantities judged (default all)."""
     outputs = {"loss": loss.detach(), **{n: inputs[n].grad for n in differentiable_names(case)}}
-    agreements = compare(outputs, ref, case.dtype, shards=shards(case, *bounds))
+    agreements = compare(outputs, ref, dtype or case.dtype, shards=shards(case, *bounds))
+    if wanted is not None:  # frozen inputs and evaluation: only what was asked for is judged
+        agreements = [a for a in agreements if a.quantity.split(" ")[0] in wanted]
     return {"rank": rank,
             "agreements": [{"quantity": a.quantity, "max_abs_err": a.max_abs_err, "rel_err": a.rel_err,
                             "badness": _badness(a), "ok": a.ok, "describe": a.describe()} for a in agreements],
@@ -101,11 +104,14 @@ def summarize(per_rank: list[dict], declared_mutates: bool) -> dict:
     mutated = sorted({f"{n} on rank {r['rank']}" for r in per_rank for n in r["mutated"]})
     lied = bool(mutated) and not declared_mutates
     failing = [a for a in worst.values() if not a["ok"]]
+    wrong = {q: [r["rank"] for r in per_rank for a in r["agreements"] if a["quantity"] == q and not a["ok"]]
+             for q in worst}
     head = max(worst.values(), key=lambda a: (not a["ok"], a["badness"]))
     if not same_loss:
         detail = f"ranks returned different losses (spread {spread:.2e})"
     elif failing:
-        detail = "; ".join(f"rank {a['rank']}: {_label(a['quantity'])}: {a['describe'].split(': ', 1)[1]}" for a in failing)
+        detail = "; ".join(f"{_label(a['quantity'])} wrong on rank {', '.join(map(str, wrong[a['quantity']]))} "
+                           f"(worst rank {a['rank']}: {a['describe'].split(': ', 1)[1]})" for a in failing)
     else:
         detail = f"worst rank {head['rank']}: {_label(head['quantity'])}: {head['describe'].split(': ', 1)[1]}"
     if lied:
@@ -115,4 +121,5 @@ def summarize(per_rank: list[dict], declared_mutates: bool) -> dict:
         for r in per_rank)
     return {"ok": agrees and same_loss and not lied, "agrees": agrees, "same_loss": same_loss, "spread": spread,
             "worst": worst, "by_quantity": by_quantity, "mutated": mutated, "lied": lied, "detail": detail,
-            "per_rank": per_rank_text, "world": world, "head": head}
+            "per_rank": per_rank_text, "world": world, "head": head,
+            "loss": per_rank[0]["loss"][0] if len(per_rank[0]["loss"]) == 1 else None}
