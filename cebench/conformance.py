@@ -16,7 +16,9 @@ A cell is
                in evaluation, a silent finite loss for an out-of-range target, a second
                backward that silently differs
   rejects      an out-of-range target gave an error or a NaN (what PyTorch does): detail says which
-  refuses      a second backward raised an error that names its single-use contract
+  crashes      an out-of-range target killed the worker process (an abort, a segfault)
+  refuses      a backward with retain_graph=True, or the second one, raised an error that names
+               its single-use contract
   unsupported  the declaration says so (never called)
   error        an exception, a crash or a time-out where a result was due
   n/a          the scenario does not apply to the family
@@ -149,19 +151,24 @@ def _twice(impl: Impl, scenario: Scenario, built: Built, ref: dict) -> dict:
     try:
         loss = _call(impl, scenario, built, inputs)
         _backward(loss, built, retain_graph=True)
-    except Exception as exc:
-        return {"status": "error", "detail": "first backward: " + _describe(exc)}
+    except Exception as exc:  # some refuse retain_graph=True itself
+        return _refusal("first backward (retain_graph=True)", exc)
     first = _check(loss, {n: _take_grad(inputs[n]) for n in built.grads}, built, ref)
     if first["status"] != "agrees":
         return {**first, "detail": "first backward: " + first["detail"]}
     try:
         _backward(loss, built)
     except Exception as exc:
-        clear = bool(SINGLE_USE.search(str(exc)))
-        return {"status": "refuses" if clear else "error",
-                "detail": "second backward: " + _describe(exc) + ("" if clear else " (names no single-use contract)")}
+        return _refusal("second backward", exc)
     second = _check(loss, {n: inputs[n].grad for n in built.grads}, built, ref)
     return {**second, "detail": "second backward: " + second["detail"]}
+
+
+def _refusal(when: str, exc: Exception) -> dict:
+    """`refuses` for an error that names the single-use contract, `error` for any other exception."""
+    clear = bool(SINGLE_USE.search(str(exc)))
+    return {"status": "refuses" if clear else "error",
+            "detail": f"{when}: {_describe(exc)}" + ("" if clear else " (names no single-use contract)")}
 
 
 def _take_grad(tensor: torch.Tensor):
@@ -254,14 +261,17 @@ def _cell(worker, impl: Impl, scenario: Scenario, device: str, timeout) -> dict:
             elif message[0] == "error":
                 result = {"status": "error", "detail": "harness error: " + message[1].strip().splitlines()[-1]}
     except WorkerDied as death:
-        result = {"status": "error", "detail": f"{death.status}: {death.reason}"}
+        # an out-of-range target that kills the process (an abort, a device-side assert) is not silent,
+        # and not the error or NaN asked for either: recorded as what it is
+        crashed = scenario.mode == "bad_target" and death.status != "timeout"
+        result = {"status": "crashes" if crashed else "error", "detail": f"{death.status}: {death.reason}"}
     return result
 
 
 def _short(row: dict) -> str:
     status, detail = row["status"], str(row.get("detail", ""))
-    text = {"error": "**error**", "rejects": f"rejects ({'error' if detail.startswith('error') else 'NaN'})"}.get(status,
-                                                                                                            status)
+    rejected = f"rejects ({'error' if detail.startswith('error') else 'NaN'})"
+    text = {"error": "**error**", "crashes": "**crashes**", "rejects": rejected}.get(status, status)
     if status == "differs":
         rel = row.get("rel_err")
         text = f"**differs** (rel {rel:.1e})" if isinstance(rel, float) and math.isfinite(rel) else "**differs**"
@@ -282,7 +292,8 @@ def markdown(rows: list[dict], device: str) -> str:
              "Each cell compares loss and gradients with the float64 reference (cebench/reference.py); the scenarios "
              "are described in cebench/conformance_scenarios.py. For *all ignored* PyTorch's mean is NaN; the loss "
              "each implementation returns is shown. *rejects*: an out-of-range target gave an error or a NaN, as "
-             "expected; *refuses*: a second backward raised an error naming a single-use contract."]
+             "expected; *crashes*: it killed the process instead; *refuses*: a second backward raised an error "
+             "naming a single-use contract. Only *differs* and *error* fail `cebench conformance` (exit 1)."]
     for family in dict.fromkeys(r["family"] for r in rows):
         mine = [r for r in rows if r["family"] == family]
         impls = list(dict.fromkeys(r["impl"] for r in mine))
@@ -301,7 +312,7 @@ def markdown(rows: list[dict], device: str) -> str:
         lines += ["", "## Confident predictions: gradient error at the target class and over the rest of the row", ""]
         lines += [f"- `{r['impl']}` / {r['scenario']}: target class: {r['detail'].split('; target class: ')[-1]}"
                   for r in split]
-    details = [r for r in rows if r["status"] in (*FAILING, "refuses")]
+    details = [r for r in rows if r["status"] in (*FAILING, "crashes", "refuses")]
     if details:
         lines += ["", "## Details", ""]
         lines += [f"- `{r['impl']}` / {r['scenario']}: {r['status']}: {r['detail']}" for r in details]
