@@ -160,13 +160,17 @@ def main(spec_path: str) -> int:
             except Exception as exc:  # harness trouble on this rank: the cell is an error, said by whom
                 mine = {"harness": _describe(exc)}
             every = rank.exchange(f"a{spec['attempt']}-c{current}", mine)
-            in_step = len({tuple(sorted(r)) for r in every}) == 1  # every rank got as far, the same way
+            # every rank got as far, the same way; ranks that raised, with the same words (a rank that timed out
+            # in a collective a peer never entered raised something else, and the group is out of step)
+            in_step = len({json.dumps({k: v for k, v in r.items() if k in ("raised", "harness")} or sorted(r))
+                           for r in every}) == 1
             if rank.rank == 0:
                 row = plan.row_from_ranks(impl, cell, every, in_step)
                 with open(spec["out"], "a") as out:
                     out.write(json.dumps({"attempt": spec["attempt"], "index": current, "row": row}) + "\n")
             if not in_step:  # some ranks may still wait in a collective: leave, the parent relaunches
-                sys.stderr.flush()
+                rank.exchange(f"a{spec['attempt']}-c{current}-written", {})  # not before rank 0 wrote the row:
+                sys.stderr.flush()                                          # the launcher ends the group at once
                 os._exit(3)
     except BaseException as exc:
         traceback.print_exc()

@@ -85,3 +85,21 @@ def test_variants_cover_even_and_uneven_shards():
     odd = next(s for s in conformance_vp.scenarios() if s.name == "odd V")
     assert conformance_vp.variants(huge, 4) == [512, 513] and conformance_vp.variants(odd, 2) == [997]
     assert conformance_vp.label("odd V", 4, 997) == "odd V · 4 ranks, V=997 (uneven)"
+
+
+def test_a_rank_that_raises_alone_is_an_error_and_the_matrix_goes_on(monkeypatch, impls):
+    """Rank 1 raises, rank 0 waits in a collective: the cell is an error naming rank 1's words, the group is
+    relaunched, and the next implementation's cell still runs (2 ranks, one cell each: a relaunch costs seconds)."""
+    from cebench import distributed
+
+    monkeypatch.setenv(distributed.ENV_TIMEOUT, "5")
+    monkeypatch.setattr(conformance_vp, "WORLDS", (2,))
+    plugin = str(Path(__file__).resolve().parent / "plugins" / "vp_raises_on_rank1.py")
+    registry.load_all([plugin])
+    rows = conformance_vp.run(registry.select(["vp_raises_on_rank1", "vp_allreduce"]), "cpu", [plugin],
+                              log=lambda _: None, only=["odd V"])
+    cells = {(r["impl"], r["scenario"]): r for r in rows}
+    label = "odd V · 2 ranks, V=997 (uneven)"
+    row = cells[("vp_raises_on_rank1", label)]
+    assert row["status"] == "error" and "rank 1: RuntimeError: boom on rank 1" in row["detail"], row
+    assert cells[("vp_allreduce", label)]["status"] == "agrees", cells[("vp_allreduce", label)]
