@@ -5,13 +5,18 @@ log-sum-exp; the backward recomputes one chunk's softmax at a time from the logi
 that log-sum-exp and writes the chunk's gradient into the output buffer. At any moment
 at most one chunk of fp32 intermediates is alive, forward or backward.
 
-`linear_chunked` (linear family) never materialises the logits: per chunk of tokens it
-computes the logits chunk, its loss and its gradient in the forward pass, turns that
-gradient into grad_hidden (a matmul) and accumulates grad_weight in fp32 (accumulating in
-bf16 visibly bends loss curves). The backward only scales the stored gradients by the
-upstream gradient, so it supports the scalar reductions (mean, sum).
+`linear_chunked` (linear family) never materialises the logits. In training with reduction
+mean or sum, per chunk of tokens it computes the logits chunk, its loss and its gradient in
+the forward pass, turns that gradient into grad_hidden (a matmul) and accumulates grad_weight
+in fp32 (accumulating in bf16 visibly bends loss curves); the backward returns both scaled by
+the upstream gradient (new tensors, so a second backward gets the same answer). With
+reduction none the gradient depends on each token's upstream gradient: the forward computes
+the loss only and the backward recomputes each chunk. Only what is wanted is computed: under
+no_grad, or when no input requires grad, one matmul per chunk and no gradient buffer; a frozen
+hidden skips grad_hidden, a frozen weight skips grad_weight and its fp32 buffer.
 
-Chunk sizes come from a memory budget: CHUNK_BYTES of fp32 logits per chunk.
+Chunk sizes come from a memory budget: CHUNK_BYTES of fp32 logits per chunk. Options may be
+given as Python ints; N = 0 gives what PyTorch gives (mean NaN, sum 0, none empty).
 """
 
 import torch
@@ -22,6 +27,7 @@ CHUNK_BYTES = 64 << 20
 
 
 def chunk_rows(n_rows: int, vocab: int) -> int:
+    """Rows per chunk (at least 1, also for N = 0) so that a chunk of fp32 logits fits CHUNK_BYTES."""
     return max(1, min(n_rows, CHUNK_BYTES // (4 * vocab)))
 
 
@@ -29,7 +35,16 @@ class Options:
     """The loss options of one call, with the per-chunk math they imply."""
 
     def __init__(self, ignore_index=-100, label_smoothing=0.0, z_loss=0.0, softcap=None):
-        self.ignore_index, self.eps, self.z_loss, self.softcap = ignore_index, label_smoothing, z_loss, softcap
+        # floats, whatever the caller passed: an int label_smoothing would make the one-hot term
+        # below an int64 tensor, which scatter_add_ rejects
+        if not 0 <= float(label_smoothing) <= 1:
+            raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing!r}")
+        if float(z_loss) < 0:
+            raise ValueError(f"z_loss must be >= 0, got {z_loss!r}")
+        if softcap is not None and not float(softcap) > 0:
+            raise ValueError(f"softcap must be positive or None, got {softcap!r}")
+        self.ignore_index, self.eps, self.z_loss = ignore_index, float(label_smoothing), float(z_loss)
+        self.softcap = None if softcap is None else float(softcap)
 
     def capped(self, x32: torch.Tensor) -> torch.Tensor:
         return self.softcap * torch.tanh(x32 / self.softcap) if self.softcap else x32
@@ -60,7 +75,7 @@ class Options:
             grad *= (1 + 2 * self.z_loss * lse).unsqueeze(1)
         grad -= self.eps / z.shape[1]
         grad.scatter_add_(1, torch.where(valid, targets, 0).unsqueeze(1),
-                          torch.full((z.shape[0], 1), -(1 - self.eps), device=z.device))
+                          torch.full((z.shape[0], 1), -(1 - self.eps), device=z.device, dtype=grad.dtype))
         grad *= torch.where(valid, row_scale, 0.0).unsqueeze(1)
         if self.softcap:
             grad *= 1 - (z / self.softcap) ** 2
@@ -115,45 +130,92 @@ class ChunkedCrossEntropy(torch.autograd.Function):
 def chunked(logits, targets, *, reduction="mean", ignore_index=-100, label_smoothing=0.0, z_loss=0.0,
             softcap=None):
     """Token chunks; lse saved, softmax recomputed per chunk in backward."""
+    if reduction not in ("mean", "sum", "none"):
+        raise ValueError(f"reduction must be mean, sum or none, got {reduction!r}")
     opts = Options(ignore_index, label_smoothing, z_loss, softcap)
     return ChunkedCrossEntropy.apply(logits, targets, reduction, opts)
+
+
+def linear_chunks(hidden, weight, targets, opts):
+    """(rows, fp32 logits, capped logits, their loss rows, lse) per chunk of tokens."""
+    n = hidden.shape[0]
+    step = chunk_rows(n, weight.shape[0])
+    for s in range(0, n, step):
+        sl = slice(s, s + step)
+        x32 = (hidden[sl] @ weight.T).float()
+        z = opts.capped(x32)
+        rows, lse = opts.rows_loss(z, targets[sl])
+        yield sl, x32, z, rows, lse
+
+
+def linear_loss_rows(hidden, weight, targets, opts) -> torch.Tensor:
+    """Per-row loss only: one matmul per chunk, no gradient buffer."""
+    rows = torch.empty(hidden.shape[0], device=hidden.device, dtype=torch.float32)
+    for sl, _, _, chunk_rows_loss, _ in linear_chunks(hidden, weight, targets, opts):
+        rows[sl] = chunk_rows_loss
+    return rows
+
+
+def linear_grads(hidden, weight, targets, opts, scale, need_h, need_w, rows=None):
+    """grad_hidden and fp32 grad_weight (None where not needed), each row scaled by `scale`;
+    also fills `rows` with the loss when given."""
+    grad_hidden = torch.empty_like(hidden) if need_h else None
+    grad_weight = torch.zeros(weight.shape, device=weight.device, dtype=torch.float32) if need_w else None
+    for sl, x32, z, chunk_rows_loss, lse in linear_chunks(hidden, weight, targets, opts):
+        if rows is not None:
+            rows[sl] = chunk_rows_loss
+        grad_z = opts.rows_grad(x32, z, lse, targets[sl], scale[sl])
+        del x32, z
+        if need_h:
+            grad_hidden[sl] = grad_z.to(hidden.dtype) @ weight
+        if need_w:
+            grad_weight.addmm_(grad_z.T, hidden[sl].float())
+    return grad_hidden, grad_weight
 
 
 class LinearChunkedCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, targets, reduction, opts):
-        n, vocab = hidden.shape[0], weight.shape[0]
+        need_h, need_w = ctx.needs_input_grad[:2]
         n_valid = (targets != opts.ignore_index).sum()
+        ctx.reduction, ctx.opts, ctx.weight_dtype = reduction, opts, weight.dtype
+        device = hidden.device.type  # backward recomputes under the forward's autocast state
+        ctx.autocast = (device, torch.get_autocast_dtype(device), torch.is_autocast_enabled(device))
+        if reduction == "none":  # the gradient needs each row's upstream gradient: backward recomputes
+            ctx.save_for_backward(hidden, weight, targets)
+            return linear_loss_rows(hidden, weight, targets, opts).to(hidden.dtype)
         # the gradient is computed now, for an upstream gradient of 1; backward rescales it
         scale = row_scale(targets, torch.ones((), device=hidden.device), n_valid, reduction, opts.ignore_index)
-        rows = torch.empty(n, device=hidden.device, dtype=torch.float32)
-        grad_hidden = torch.empty_like(hidden)
-        grad_weight = torch.zeros(weight.shape, device=weight.device, dtype=torch.float32)
-        step = chunk_rows(n, vocab)
-        for s in range(0, n, step):
-            sl = slice(s, s + step)
-            x32 = (hidden[sl] @ weight.T).float()
-            z = opts.capped(x32)
-            rows[sl], lse = opts.rows_loss(z, targets[sl])
-            grad_z = opts.rows_grad(x32, z, lse, targets[sl], scale[sl])
-            del x32, z
-            grad_hidden[sl] = grad_z.to(hidden.dtype) @ weight
-            grad_weight.addmm_(grad_z.T, hidden[sl].float())
+        rows = torch.empty(hidden.shape[0], device=hidden.device, dtype=torch.float32)
+        grad_hidden, grad_weight = linear_grads(hidden, weight, targets, opts, scale, need_h, need_w, rows)
         ctx.save_for_backward(grad_hidden, grad_weight)
-        ctx.weight_dtype = weight.dtype
         return reduce_rows(rows, n_valid, reduction).to(hidden.dtype)
 
     @staticmethod
     def backward(ctx, grad_output):
-        grad_hidden, grad_weight = ctx.saved_tensors
-        g = grad_output.float()
-        return (grad_hidden * g).to(grad_hidden.dtype), (grad_weight * g).to(ctx.weight_dtype), None, None, None
+        if ctx.reduction == "none":
+            hidden, weight, targets = ctx.saved_tensors
+            scale = row_scale(targets, grad_output, None, "none", ctx.opts.ignore_index)
+            device, dtype, enabled = ctx.autocast
+            with torch.autocast(device, dtype=dtype, enabled=enabled):
+                grad_hidden, grad_weight = linear_grads(hidden, weight, targets, ctx.opts, scale,
+                                                        *ctx.needs_input_grad[:2])
+        else:
+            g = grad_output.float()
+            grad_hidden, grad_weight = (None if t is None else t * g for t in ctx.saved_tensors)
+        return grad_hidden, None if grad_weight is None else grad_weight.to(ctx.weight_dtype), None, None, None
 
 
-@cebench.register(name="linear_chunked", family="linear", reductions=("mean", "sum"),
-                  label_smoothing=True, z_loss=True, softcap=True, grad_in_forward=True)
+@cebench.register(name="linear_chunked", family="linear", reductions=("mean", "sum", "none"),
+                  label_smoothing=True, z_loss=True, softcap=True, grad_in_forward=("mean", "sum"))
 def linear_chunked(hidden, weight, targets, *, reduction="mean", ignore_index=-100, label_smoothing=0.0,
                    z_loss=0.0, softcap=None):
-    """Token chunks of hidden @ weight.T; loss and gradients in the forward, fp32 grad_weight."""
+    """Token chunks of hidden @ weight.T; loss and gradients in the forward (mean/sum), fp32 grad_weight."""
+    if reduction not in ("mean", "sum", "none"):
+        raise ValueError(f"reduction must be mean, sum or none, got {reduction!r}")
     opts = Options(ignore_index, label_smoothing, z_loss, softcap)
-    return LinearChunkedCrossEntropy.apply(hidden, weight, targets, reduction, opts)
+    if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
+        return LinearChunkedCrossEntropy.apply(hidden, weight, targets, reduction, opts)
+    # evaluation: loss only, one matmul per chunk, no gradient buffers
+    rows = linear_loss_rows(hidden, weight, targets, opts)
+    return reduce_rows(rows, (targets != ignore_index).sum(), reduction).to(hidden.dtype)

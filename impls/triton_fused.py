@@ -1,39 +1,68 @@
-"""Our own fused Triton cross-entropy: loss and gradient in one kernel, gradient in place.
+"""Our fused Triton cross-entropy: loss and gradient in one pass over the logits, gradient in place.
 
-`triton_fused` (logits family). One kernel launch does the whole job: each program takes
-a block of rows, streams them through an online softmax over vocabulary blocks in fp32
-(running max, running sum of exponentials, running sum of logits for label smoothing),
-then makes a second pass over the same row that writes dLoss/dlogits, computed for an
-upstream gradient of 1, over the logits themselves. No N×V temporary is ever allocated:
-the logits buffer becomes the gradient buffer (hence `mutates_inputs=True`; the Python
-keyword `inplace=False` writes into a fresh buffer instead). The backward only scales
-the stored gradient by grad_output: one scalar for mean/sum, one factor per row for none.
+`triton_fused` (logits family). In training, one kernel (impls/_triton_ce_kernel.py) takes each
+row through an online softmax in fp32 and then writes dLoss/dlogits for an upstream gradient
+of 1 over the logits themselves (hence `mutates_inputs=True`; `inplace=False` writes a fresh
+buffer). The backward multiplies that buffer by the upstream gradient in a second kernel that
+reads the factor on the device and does nothing where it is exactly 1.
 
-Options follow PyTorch / the float64 reference: ignore_index (mean divides by the number
-of non-ignored rows, counted on the device with no host sync; all rows ignored gives a
-NaN loss and a zero gradient), label smoothing (1-ε)·nll + ε·mean_c(-log p_c), z-loss
-(+ λ·lse² per row; `return_z_loss=True` also returns that term alone, for logging) and
-logit softcap z = c·tanh(x/c). Inputs fp32/bf16/fp16, any V (V=1 included), any N.
+Traffic model (DRAM bytes per logit, b = 2 for bf16/fp16, 4 for fp32; per-row terms such as
+targets and losses are O(N) and left out; the floor for forward+backward is 2b: read the
+logits once, write the gradient once):
+  - loss only (no_grad, or logits that do not require grad): b. One pass, nothing written, the
+    logits stay untouched.
+  - forward (training): 2b. First pass reads the row (b); the second pass reads it again from
+    L2, not DRAM, and writes the gradient (b). Rows of at most `single_block_max` columns are
+    read once into registers; longer rows rely on L2: the grid is sized so that the rows in
+    flight (programs × V × b, twice that with inplace=False) fill at most `l2_fraction` of L2.
+    If they did not fit, the second pass would cost another b.
+  - backward: 0 when the upstream gradient is exactly 1 (loss.backward() on a mean or sum, or an
+    all-ones gradient for none); 2b (read and write the gradient) otherwise.
+  - forward+backward: 2b with an upstream gradient of 1 (the floor), 4b otherwise. The previous
+    design moved 5b: two DRAM passes over every row above 8192 columns, and a full scaling pass.
 
-The shared kernel entry point `fused_ce_rows` is also used by triton_fused_linear.py.
-The Triton import is guarded so `import cebench` works without triton: the
-implementation then still registers and reports itself unavailable. On CPU the kernel runs only
-in the Triton interpreter, which must be switched on (TRITON_INTERPRET=1) before import.
+Launch: on a GPU, persistent programs (CANDIDATE_CONFIGS lists what to try first; pick one with
+the `config=` keyword or CEBENCH_TRITON_FUSED_CONFIG=<name>). In the CPU interpreter, a few big
+tiles of many rows, since every program costs Python time there.
+
+Options follow PyTorch / the float64 reference: ignore_index (mean divides by the number of
+non-ignored rows, counted on the device; all rows ignored gives a NaN loss and a zero
+gradient), label smoothing, z-loss (+ λ·lse² per row; `return_z_loss=True` also returns that
+term), softcap z = c·tanh(x/c); fp32/bf16/fp16; any V and N, N = 0 included (mean NaN, sum 0).
+Options may be Python ints. A target outside [0, V) other than ignore_index is never read
+through: its row's loss and gradient are NaN, so mean and sum are NaN (no host sync on the fast
+path); call `check_targets` for an exception instead (one host sync).
+
+One backward per forward: the gradient is computed once and its buffer handed over, so a second
+backward on the same graph raises SINGLE_USE. The Triton import is guarded so `import cebench`
+works without triton; on the CPU the kernels run only in the interpreter (TRITON_INTERPRET=1
+set before import).
 """
 
+import functools
 import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 import cebench
+from cebench.registry import load_file
 
 try:
     import triton
-    import triton.language as tl
 except ImportError:  # the registration below still happens; `available` explains why it cannot run
     triton = None
+else:  # the kernels live next door; the underscore keeps the registry from loading them as a plugin
+    load_file(Path(__file__).with_name("_triton_ce_kernel.py"))
+    kernels = sys.modules["cebench_plugin__triton_ce_kernel"]
 
 INTERPRETER_REASON = "no CUDA device; Triton kernels run on CPU only with TRITON_INTERPRET=1 set before import"
+CONFIG_ENV = "CEBENCH_TRITON_FUSED_CONFIG"
+SINGLE_USE = ("{name}: backward ran a second time on the same graph. The gradient is computed once, in the forward, "
+              "and its buffer is handed to the first backward, so each forward supports one backward. "
+              "Call the loss again before a second backward, or add the losses and call backward once.")
 
 
 def triton_unavailable_reason() -> str | None:
@@ -45,190 +74,172 @@ def triton_unavailable_reason() -> str | None:
     return None if os.environ.get("TRITON_INTERPRET") == "1" else INTERPRETER_REASON
 
 
-if triton is not None:
+@dataclass(frozen=True)
+class LaunchConfig:
+    """GPU launch parameters; `plan_launch` turns one into a grid for a given shape."""
 
-    @triton.jit
-    def _softcap(x, cap):
-        # c·tanh(x/c) written with exp(-2|y|) <= 1, so it never overflows for large |x|
-        y = x / cap
-        e = tl.exp(-2.0 * tl.abs(y))
-        t = (1.0 - e) / (1.0 + e)
-        return cap * tl.where(y < 0, -t, t)
-
-    @triton.jit
-    def _load_f32(ptrs, mask, BF16_BITS: tl.constexpr):
-        # BF16_BITS (interpreter only): the buffer is bf16 viewed as int16; widening the bits
-        # by hand is exact and far cheaper than the interpreter's generic float conversion
-        if BF16_BITS:
-            bits = tl.load(ptrs, mask=mask, other=0).to(tl.uint16, bitcast=True)
-            return (bits.to(tl.uint32) << 16).to(tl.float32, bitcast=True)
-        else:
-            return tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
-
-    @triton.jit
-    def _store_f32(ptrs, value, mask, BF16_BITS: tl.constexpr):
-        if BF16_BITS:  # fp32 -> bf16 bits, rounding to nearest even (NaN stays NaN)
-            bits = value.to(tl.uint32, bitcast=True)
-            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
-            tl.store(ptrs, bits.to(tl.uint16).to(tl.int16, bitcast=True), mask=mask)
-        else:
-            tl.store(ptrs, value.to(ptrs.dtype.element_ty), mask=mask)
-
-    @triton.jit
-    def _load_z(x_rows, cols, col_ok, cap, HAS_SOFTCAP: tl.constexpr, BF16_BITS: tl.constexpr):
-        # one [BLOCK_N, BLOCK_V] tile of (capped) logits in fp32; columns past V read as 0
-        z = _load_f32(x_rows[:, None] + cols[None, :], col_ok[None, :], BF16_BITS)
-        if HAS_SOFTCAP:
-            z = _softcap(z, cap)
-        return z
-
-    @triton.jit
-    def _block_stats(z, col_ok, m, s, z_sum, HAS_SMOOTHING: tl.constexpr):
-        # fold one tile into the running max m, the running sum s of exp(z - m) (rescaled
-        # whenever m grows) and the plain sum of z (for label smoothing)
-        z_max = tl.where(col_ok[None, :], z, float("-inf"))
-        m_new = tl.maximum(m, tl.max(z_max, axis=1))
-        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z_max - m_new[:, None]), axis=1)
-        if HAS_SMOOTHING:
-            z_sum += tl.sum(tl.where(col_ok[None, :], z, 0.0), axis=1)
-        return m_new, s, z_sum
-
-    @triton.jit
-    def _block_grad(z, cols, m, p_scale, scale, safe_t, eps, n_cols, cap,
-                    HAS_SMOOTHING: tl.constexpr, HAS_SOFTCAP: tl.constexpr):
-        # dL/dz = p·(1 + 2λ·lse) - (1-ε)·onehot - ε/V, then the softcap chain rule 1 - (z/c)².
-        # p = exp(z - m) / s: p_scale carries 1/s, the z-loss factor and the row's 1/n_valid
-        # (or 0). Not exp(z - lse): for |m| large, lse = m + log s rounds back to m in fp32
-        # and the softmax would come out unnormalised.
-        g = tl.exp(z - m[:, None]) * p_scale[:, None]
-        if HAS_SMOOTHING:
-            g -= (eps / n_cols) * scale[:, None]
-        g = tl.where(cols[None, :] == safe_t[:, None], g - (1.0 - eps) * scale[:, None], g)
-        if HAS_SOFTCAP:
-            g *= 1.0 - (z / cap) * (z / cap)
-        return g
-
-    @triton.jit
-    def _fused_ce_kernel(
-        x_ptr, x_stride, grad_ptr, grad_stride, targets_ptr, loss_ptr, zloss_ptr, n_valid_ptr,
-        n_rows, n_cols, ignore_index, eps, lam, cap,
-        MEAN: tl.constexpr, HAS_SMOOTHING: tl.constexpr, HAS_ZLOSS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-        BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, SINGLE_BLOCK: tl.constexpr,
-        BF16_BITS: tl.constexpr,
-    ):
-        # 1. This program's rows. Rows past the end are clamped onto the last row for loads
-        #    (so every row has finite logits and the online max never sees only -inf) and
-        #    masked out of every store.
-        rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-        row_ok = rows < n_rows
-        safe_rows = tl.minimum(rows, n_rows - 1)
-        x_rows = x_ptr + safe_rows * x_stride
-        targets = tl.load(targets_ptr + safe_rows)
-        valid = row_ok & (targets != ignore_index)
-        safe_t = tl.where(valid, targets, 0)
-
-        # 2. The target's (capped) logit, read once directly rather than searched for.
-        z_t = _load_f32(x_rows + safe_t, row_ok, BF16_BITS)
-        if HAS_SOFTCAP:
-            z_t = _softcap(z_t, cap)
-
-        # 3. Online softmax over vocabulary blocks, all in fp32. When the whole row fits in
-        #    one block (SINGLE_BLOCK) the tile stays live for step 6 and is read only once.
-        m = tl.full((BLOCK_N,), float("-inf"), tl.float32)
-        s = tl.zeros((BLOCK_N,), tl.float32)
-        z_sum = tl.zeros((BLOCK_N,), tl.float32)
-        if SINGLE_BLOCK:
-            cols0 = tl.arange(0, BLOCK_V)
-            col_ok0 = cols0 < n_cols
-            z0 = _load_z(x_rows, cols0, col_ok0, cap, HAS_SOFTCAP, BF16_BITS)
-            m, s, z_sum = _block_stats(z0, col_ok0, m, s, z_sum, HAS_SMOOTHING)
-        else:
-            for start in range(0, n_cols, BLOCK_V):
-                cols = start + tl.arange(0, BLOCK_V)
-                col_ok = cols < n_cols
-                z = _load_z(x_rows, cols, col_ok, cap, HAS_SOFTCAP, BF16_BITS)
-                m, s, z_sum = _block_stats(z, col_ok, m, s, z_sum, HAS_SMOOTHING)
-
-        # 4. Per-row loss: (1-ε)(lse - z_t) + ε(lse - mean z) + λ·lse², zero on ignored rows.
-        #    Differences are taken against m before adding log s, so they survive large |m|.
-        log_s = tl.log(s)
-        lse = m + log_s
-        loss = (m - z_t) + log_s
-        if HAS_SMOOTHING:
-            loss = (1.0 - eps) * loss + eps * ((m - z_sum / n_cols) + log_s)
-        z_term = lam * lse * lse
-        if HAS_ZLOSS:
-            loss += z_term
-        tl.store(loss_ptr + rows, tl.where(valid, loss, 0.0), mask=row_ok)
-        tl.store(zloss_ptr + rows, tl.where(valid, z_term, 0.0), mask=row_ok)
-
-        # 5. The factor every gradient element of a row is multiplied by, for an upstream
-        #    gradient of 1: 1/n_valid for mean (read from the device), 1 otherwise, 0 if ignored.
-        if MEAN:
-            scale = 1.0 / tl.maximum(tl.load(n_valid_ptr), 1).to(tl.float32)  # 0/0 rows are masked below
-        else:
-            scale = 1.0
-        scale = tl.where(valid, scale, 0.0)
-        p_scale = scale / s
-        if HAS_ZLOSS:
-            p_scale = p_scale * (1.0 + 2.0 * lam * lse)
-
-        # 6. Second pass: write the gradient. Each block is read before the same program
-        #    writes it, so grad_ptr may be x_ptr itself (the in-place case).
-        g_rows = grad_ptr + safe_rows * grad_stride
-        if SINGLE_BLOCK:
-            g = _block_grad(z0, cols0, m, p_scale, scale, safe_t, eps, n_cols, cap, HAS_SMOOTHING, HAS_SOFTCAP)
-            _store_f32(g_rows[:, None] + cols0[None, :], g, row_ok[:, None] & col_ok0[None, :], BF16_BITS)
-        else:
-            for start in range(0, n_cols, BLOCK_V):
-                cols = start + tl.arange(0, BLOCK_V)
-                col_ok = cols < n_cols
-                z = _load_z(x_rows, cols, col_ok, cap, HAS_SOFTCAP, BF16_BITS)
-                g = _block_grad(z, cols, m, p_scale, scale, safe_t, eps, n_cols, cap, HAS_SMOOTHING, HAS_SOFTCAP)
-                _store_f32(g_rows[:, None] + cols[None, :], g, row_ok[:, None] & col_ok[None, :], BF16_BITS)
+    name: str
+    block_v: int  # columns per tile on rows longer than single_block_max (a power of two)
+    num_warps: int
+    programs_per_sm: int  # persistent programs per SM: the grid is at most SMs × this
+    l2_fraction: float  # share of L2 the rows in flight between the two passes may fill (0: no limit)
+    single_block_max: int  # rows up to this many columns are read once, kept in registers
 
 
-def launch_config(n_rows: int, n_cols: int, device: torch.device) -> tuple[int, int, int]:
-    """(BLOCK_N, BLOCK_V, num_warps). On a GPU one row per program with wide vectorised
-    blocks; in the CPU interpreter, where every program costs Python overhead, big tiles
-    of many rows so a whole batch takes a handful of programs."""
+# What a GPU session should time first (gpt2 V=50257, llama3 V=128256, gemma2 V=256000), in order.
+CANDIDATE_CONFIGS = (
+    # first guess: 4096 columns × 8 warps = 16 fp32 per thread per tile, 2 programs per SM hide latency
+    LaunchConfig("balanced", 4096, 8, 2, 0.5, 8192),
+    # fatter programs, one per SM: fewer rows in flight, so the L2 cap bites later on the largest V
+    LaunchConfig("wide", 8192, 16, 1, 0.5, 16384),
+    # more, thinner programs: more loads in flight per SM if "balanced" leaves bandwidth unused
+    LaunchConfig("narrow", 2048, 4, 4, 0.5, 4096),
+    # if the L2 hit rate of the second pass is low (ncu lts__t_sector_hit_rate), halve the rows in flight
+    LaunchConfig("l2-tight", 4096, 8, 2, 0.25, 8192),
+    # if the L2 cap leaves SMs idle on gemma2's V (fewer programs than SMs), allow more rows in flight
+    LaunchConfig("l2-loose", 4096, 8, 2, 0.8, 8192),
+    # control: no L2 sizing (every SM busy); against "balanced" it measures what the sizing buys
+    LaunchConfig("unbounded", 4096, 8, 2, 0.0, 8192),
+)
+
+
+@dataclass(frozen=True)
+class Launch:
+    block_n: int  # rows per tile
+    block_v: int  # body columns per tile
+    num_warps: int
+    programs: int  # persistent programs (grid size)
+    single_block: bool  # the whole row body fits one tile: read once
+
+
+def select_config(config: "str | LaunchConfig | None" = None) -> LaunchConfig:
+    """The keyword, else the CEBENCH_TRITON_FUSED_CONFIG variable, else the first candidate."""
+    if isinstance(config, LaunchConfig):
+        return config
+    name = config or os.environ.get(CONFIG_ENV) or CANDIDATE_CONFIGS[0].name
+    for candidate in CANDIDATE_CONFIGS:
+        if candidate.name == name:
+            return candidate
+    raise ValueError(f"unknown triton_fused launch config {name!r}; known: {', '.join(c.name for c in CANDIDATE_CONFIGS)}")
+
+
+@functools.cache
+def device_caps(index: int) -> tuple[int, int]:
+    """(SM count, L2 bytes) of a CUDA device, read once."""
+    props = torch.cuda.get_device_properties(index)
+    return props.multi_processor_count, props.L2_cache_size
+
+
+def plan_launch(n_rows: int, n_cols: int, row_bytes_in_flight: int, device: torch.device,
+                config: LaunchConfig) -> Launch:
+    """Tile shape and grid for n_rows ≥ 1. row_bytes_in_flight: what a row between the two
+    passes keeps in L2 (0 for a single-pass launch: nothing to keep)."""
     v_pow2 = triton.next_power_of_2(n_cols)
-    if device.type == "cuda":
-        block_v = min(v_pow2, 8192)
-        return 1, block_v, 8 if block_v >= 4096 else 4
-    # measured in the interpreter (N=256, V=4099): 256×1024 tiles (5 blocks, two passes) cost
-    # no more than 64×8192 single-block tiles, whose padding to a power of two wastes half the
-    # work; few rows leave room for wide blocks. Triton caps a tile at 2^20 elements.
-    block_n = min(triton.next_power_of_2(n_rows), 256)
-    block_v = min(v_pow2, max(1024, (1 << 18) // block_n))
-    return block_n, block_v, 1
+    if device.type != "cuda":
+        # interpreter (measured at N=256, V=4099): 256×1024 tiles cost no more than 64×8192 single
+        # tiles, whose padding to a power of two wastes half the work. Tiles are capped at 2^20.
+        block_n = min(triton.next_power_of_2(n_rows), 256)
+        block_v = min(v_pow2, max(1024, (1 << 18) // block_n))
+        return Launch(block_n, block_v, 1, triton.cdiv(n_rows, block_n), n_cols <= block_v)
+    sms, l2_bytes = device_caps(device.index if device.index is not None else torch.cuda.current_device())
+    max_programs = sms * config.programs_per_sm
+    if n_cols <= config.single_block_max:  # short rows: several per tile, each read once
+        block_n = max(1, min(16, config.block_v // v_pow2))
+        warps = 4 if block_n * v_pow2 <= 2048 else config.num_warps
+        return Launch(block_n, v_pow2, warps, min(triton.cdiv(n_rows, block_n), max_programs), True)
+    programs = min(n_rows, max_programs)
+    if row_bytes_in_flight and config.l2_fraction > 0:
+        programs = max(1, min(programs, int(config.l2_fraction * l2_bytes) // row_bytes_in_flight))
+    return Launch(1, config.block_v, config.num_warps, programs, False)
 
 
-def fused_ce_rows(x, targets, grad_out, n_valid, *, reduction, ignore_index, label_smoothing, z_loss, softcap):
-    """Run the kernel on 2-D `x` (rows × vocab). Writes dL/dx (upstream gradient 1) into
-    `grad_out` (may be `x` itself) and returns fp32 (row_loss, row_z_loss_term)."""
+def _geometry(t: torch.Tensor) -> tuple[int, bool]:
+    """(misalignment of the base in elements, whether the base is 16-byte aligned)."""
+    mis_bytes = t.data_ptr() % 16
+    return mis_bytes // t.element_size(), mis_bytes == 0
+
+
+def _interpreter_view(*tensors):
+    # interpreter: bf16 buffers travel as their raw bits (same storage, so in place still holds)
+    if tensors[0].device.type == "cpu" and all(t.dtype == torch.bfloat16 for t in tensors):
+        return True, [t.view(torch.int16) for t in tensors]
+    return False, list(tensors)
+
+
+def fused_ce_rows(x, targets, grad_out, n_valid, *, reduction, ignore_index, label_smoothing, z_loss, softcap,
+                  row_scale=None, config=None, launch=None):
+    """Run the kernel on 2-D `x` (rows × vocab, unit column stride); returns fp32 (row_loss, row_z_term).
+
+    grad_out (may be `x` itself) receives dL/dx for an upstream gradient of 1 (mean: divided by
+    n_valid), or times `row_scale` per row when that fp32 vector is given. grad_out=None
+    computes the loss only: one pass, nothing written. `launch` overrides the plan (tests).
+    """
     if x.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
         raise RuntimeError(INTERPRETER_REASON)
     n_rows, n_cols = x.shape
     row_loss = torch.empty(n_rows, device=x.device, dtype=torch.float32)
     row_z = torch.empty_like(row_loss)
-    block_n, block_v, num_warps = launch_config(n_rows, n_cols, x.device)
-    grid = (triton.cdiv(n_rows, block_n),)
-    bf16_bits = x.device.type == "cpu" and x.dtype == grad_out.dtype == torch.bfloat16
-    if bf16_bits:  # interpreter: hand the kernel the raw bits (same storage, so in place still holds)
-        x, grad_out = x.view(torch.int16), grad_out.view(torch.int16)
-    _fused_ce_kernel[grid](
-        x, x.stride(0), grad_out, grad_out.stride(0), targets, row_loss, row_z, n_valid,
+    if n_rows == 0:
+        return row_loss, row_z
+    compute_grad = grad_out is not None
+    g = grad_out if compute_grad else x
+    in_flight = 0 if not compute_grad else n_cols * x.element_size() * (1 if g.data_ptr() == x.data_ptr() else 2)
+    plan = launch or plan_launch(n_rows, n_cols, in_flight, x.device, select_config(config))
+    x_mis, x_aligned = _geometry(x)
+    g_mis, g_aligned = _geometry(g)
+    g_aligned = g_aligned and x_aligned and (g.stride(0) - x.stride(0)) % (16 // x.element_size()) == 0
+    bf16_bits, (xk, gk) = _interpreter_view(x, g)
+    kernels.ce_kernel[(plan.programs,)](
+        xk, x.stride(0), x_mis, gk, g.stride(0), targets, row_loss, row_z, n_valid,
+        row_scale if row_scale is not None else row_loss,
         n_rows, n_cols, ignore_index, float(label_smoothing), float(z_loss), float(softcap or 1.0),
-        MEAN=reduction == "mean", HAS_SMOOTHING=bool(label_smoothing), HAS_ZLOSS=bool(z_loss),
-        HAS_SOFTCAP=softcap is not None, BLOCK_N=block_n, BLOCK_V=block_v, SINGLE_BLOCK=n_cols <= block_v,
-        BF16_BITS=bf16_bits, num_warps=num_warps,
+        SCALE=2 if row_scale is not None else int(reduction == "mean"), COMPUTE_GRAD=compute_grad,
+        HAS_SMOOTHING=bool(label_smoothing), HAS_ZLOSS=bool(z_loss), HAS_SOFTCAP=softcap is not None,
+        BLOCK_N=plan.block_n, BLOCK_V=plan.block_v, VEC=16 // x.element_size(), SINGLE_BLOCK=plan.single_block,
+        X_ALIGNED=x_aligned, G_ALIGNED=g_aligned, BF16_BITS=bf16_bits, num_warps=plan.num_warps,
     )
     return row_loss, row_z
 
 
+def scale_rows_(buf: torch.Tensor, factor: torch.Tensor, config=None) -> torch.Tensor:
+    """buf (2-D, unit column stride) *= factor (a scalar, or one per row), in place, on the device;
+    rows whose factor is exactly 1 are neither read nor written."""
+    n_rows, n_cols = buf.shape
+    if n_rows == 0 or n_cols == 0:
+        return buf
+    factor = factor.detach().to(device=buf.device, dtype=torch.float32).contiguous()
+    plan = plan_launch(n_rows, n_cols, 0, buf.device, select_config(config))
+    mis, aligned = _geometry(buf)
+    bf16_bits, (bk,) = _interpreter_view(buf)
+    kernels.scale_kernel[(plan.programs,)](
+        bk, buf.stride(0), mis, factor, 0 if factor.dim() == 0 else 1, n_rows, n_cols,
+        BLOCK_N=plan.block_n, BLOCK_V=plan.block_v, VEC=16 // buf.element_size(), ALIGNED=aligned,
+        BF16_BITS=bf16_bits, num_warps=plan.num_warps,
+    )
+    return buf
+
+
+def check_options(reduction, label_smoothing, z_loss, softcap, reductions=("mean", "sum", "none")) -> None:
+    """Bad options are a ValueError naming the option, before any kernel runs."""
+    if reduction not in reductions:
+        raise ValueError(f"reduction must be one of {', '.join(reductions)}, got {reduction!r}")
+    if not 0 <= float(label_smoothing) <= 1:
+        raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing!r}")
+    if float(z_loss) < 0:
+        raise ValueError(f"z_loss must be >= 0, got {z_loss!r}")
+    if softcap is not None and not float(softcap) > 0:
+        raise ValueError(f"softcap must be positive or None, got {softcap!r}")
+
+
+def check_targets(targets: torch.Tensor, n_cols: int, ignore_index: int = -100) -> None:
+    """Raise if a target is outside [0, n_cols) and not ignore_index (one host sync)."""
+    bad = (targets != ignore_index) & ((targets < 0) | (targets >= n_cols))
+    if bool(bad.any()):
+        raise ValueError(f"target(s) {targets[bad][:5].tolist()} outside [0, {n_cols}) (ignore_index={ignore_index})")
+
+
 def reduce_rows(rows: torch.Tensor, n_valid: torch.Tensor, reduction: str) -> torch.Tensor:
-    """mean over non-ignored rows (0/0 = NaN when all are ignored, like PyTorch), sum or none."""
+    """mean over non-ignored rows (0/0 = NaN when all are ignored or N = 0, like PyTorch), sum or none."""
     if reduction == "none":
         return rows
     return rows.sum() if reduction == "sum" else rows.sum() / n_valid
@@ -236,40 +247,51 @@ def reduce_rows(rows: torch.Tensor, n_valid: torch.Tensor, reduction: str) -> to
 
 class FusedCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits, targets, reduction, ignore_index, label_smoothing, z_loss, softcap, inplace):
-        x = logits if logits.stride(-1) == 1 else logits.contiguous()
-        grad = x if inplace else torch.empty_like(x)
+    def forward(ctx, logits, targets, reduction, ignore_index, opts, inplace):
+        grad = logits if inplace else torch.empty_like(logits)
         n_valid = (targets != ignore_index).sum()
-        row_loss, row_z = fused_ce_rows(x, targets.contiguous(), grad, n_valid, reduction=reduction,
-                                        ignore_index=ignore_index, label_smoothing=label_smoothing,
-                                        z_loss=z_loss, softcap=softcap)
-        # kept as a plain attribute, not save_for_backward: backward scales it in place and
-        # autograd's version check would (rightly) object to a saved tensor changing
-        ctx.grad, ctx.reduction = grad, reduction
+        row_loss, row_z = fused_ce_rows(logits, targets, grad, n_valid, reduction=reduction,
+                                        ignore_index=ignore_index, **opts)
+        # a plain attribute, not save_for_backward: backward scales it in place and autograd's
+        # version check would (rightly) object to a saved tensor changing
+        ctx.grad, ctx.config = grad, opts["config"]
         z_term = reduce_rows(row_z, n_valid, reduction).to(logits.dtype)
         ctx.mark_non_differentiable(z_term)
         return reduce_rows(row_loss, n_valid, reduction).to(logits.dtype), z_term
 
     @staticmethod
     def backward(ctx, grad_output, _grad_z_term):
-        grad, ctx.grad = ctx.grad, None  # single use: the buffer is scaled in place
-        g = grad_output.float()
-        grad.mul_(g.unsqueeze(1) if ctx.reduction == "none" else g)
-        return grad, None, None, None, None, None, None, None
+        grad, ctx.grad = ctx.grad, None
+        if grad is None:
+            raise RuntimeError(SINGLE_USE.format(name="triton_fused"))
+        scale_rows_(grad, grad_output, ctx.config)  # nothing moves where grad_output is exactly 1
+        return grad, None, None, None, None, None
 
 
 def triton_fused_ce(logits, targets, *, reduction="mean", ignore_index=-100, label_smoothing=0.0, z_loss=0.0,
-                    softcap=None, inplace=True, return_z_loss=False):
+                    softcap=None, inplace=True, return_z_loss=False, config=None):
     """Fused Triton kernel: online softmax, loss and gradient in the forward, in place.
 
-    With inplace=True (the registered behaviour) `logits` is overwritten with the gradient;
-    inplace=False writes it into a fresh buffer. return_z_loss=True returns (loss, z_term),
-    the loss still including the z-loss term.
+    With inplace=True (the registered behaviour) `logits` is overwritten with the gradient when
+    a gradient is wanted; inplace=False writes it into a fresh buffer. Under no_grad, or when
+    `logits` does not require grad, only the loss is computed and `logits` is left untouched.
+    return_z_loss=True returns (loss, z_term), the loss still including the z-loss term.
+    config: a LaunchConfig or a CANDIDATE_CONFIGS name (GPU only).
     """
-    if reduction not in ("mean", "sum", "none"):
-        raise ValueError(f"reduction must be mean, sum or none, got {reduction!r}")
-    loss, z_term = FusedCrossEntropy.apply(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction,
-                                           ignore_index, label_smoothing, z_loss, softcap, inplace)
+    check_options(reduction, label_smoothing, z_loss, softcap)
+    opts = {"label_smoothing": float(label_smoothing), "z_loss": float(z_loss),
+            "softcap": None if softcap is None else float(softcap), "config": config}
+    x = logits.reshape(-1, logits.shape[-1])
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    flat_targets = targets.reshape(-1).contiguous()
+    if torch.is_grad_enabled() and logits.requires_grad:
+        loss, z_term = FusedCrossEntropy.apply(x, flat_targets, reduction, ignore_index, opts, inplace)
+    else:  # loss only: one pass, no gradient buffer, nothing written into the logits
+        n_valid = (flat_targets != ignore_index).sum()
+        row_loss, row_z = fused_ce_rows(x, flat_targets, None, n_valid, reduction=reduction,
+                                        ignore_index=ignore_index, **opts)
+        loss = reduce_rows(row_loss, n_valid, reduction).to(logits.dtype)
+        z_term = reduce_rows(row_z, n_valid, reduction).to(logits.dtype)
     return (loss, z_term) if return_z_loss else loss
 
 

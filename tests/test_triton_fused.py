@@ -3,9 +3,11 @@
 On a CPU-only machine they run in the Triton interpreter (conftest.py switches it on before
 the kernels are defined), so shapes stay small. Covered: every declared option (reduction,
 ignore_index, label smoothing, z-loss, softcap), fp32 and bf16, V not a power of two, V
-below one block, V = 1, V = 50257, N = 1, all rows ignored, the in-place contract (the
-logits buffer really becomes the gradient; inplace=False leaves it alone), the separate
-z-loss term, and the linear version's chunking over several chunks.
+below one block, V = 1, V = 50257, N = 1, all rows ignored, fp16, the GPU's persistent
+multi-block launch run in the interpreter, the in-place contract (the logits buffer really
+becomes the gradient; inplace=False leaves it alone), the separate z-loss term, and the
+linear version's chunking over several chunks. Traffic and launch planning:
+test_kernel_traffic.py; calling conventions (autocast, no_grad, N = 0, ...): test_kernel_contracts.py.
 """
 
 import math
@@ -180,14 +182,47 @@ def test_linear_chunk_rows_follow_the_budget(fused_linear):
     assert fused_linear.chunk_rows(10, 1 << 30, 4) == 1
 
 
-def test_linear_return_z_loss_and_rejects_none(fused_linear):
+def test_linear_return_z_loss_and_rejects_unknown_reductions(fused_linear):
     hidden, weight = torch.randn(9, 16), torch.randn(300, 16) / 2
     targets = torch.randint(0, 300, (9,))
     loss, z_term = fused_linear.triton_fused_linear_ce(hidden, weight, targets, z_loss=1e-2, return_z_loss=True)
     expected = _z_term_reference(hidden @ weight.T, targets, 1e-2, None, "mean")
     assert torch.allclose(z_term.double(), expected, rtol=1e-5)
+    _, z_rows = fused_linear.triton_fused_linear_ce(hidden, weight, targets, reduction="none", z_loss=1e-2,
+                                                    return_z_loss=True)
+    assert torch.allclose(z_rows.double(), _z_term_reference(hidden @ weight.T, targets, 1e-2, None, "none"), rtol=1e-5)
     with pytest.raises(ValueError, match="reduction"):
-        fused_linear.triton_fused_linear_ce(hidden, weight, targets, reduction="none")
+        fused_linear.triton_fused_linear_ce(hidden, weight, targets, reduction="avg")
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("options", OPTIONS, ids=lambda o: ",".join(o))
+def test_logits_fp16(impls, options, reduction):
+    assert_agrees(impls["triton_fused"], Case("logits", N=19, V=777, dtype="float16", reduction=reduction, **options))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("options", OPTIONS, ids=lambda o: ",".join(o))
+def test_logits_persistent_multi_block_launch(fused, options, dtype):
+    # the GPU's launch shape in the interpreter: few persistent programs, one row per tile, a
+    # row body in several blocks read twice; every option, against the planned launch
+    options = dict(options)
+    ignore = options.pop("ignore_frac", 0.0)
+    torch.manual_seed(3)
+    x = (torch.randn(13, 1001) * 3).to(dtype)
+    targets = torch.randint(0, 1001, (13,))
+    targets[torch.rand(13) < ignore] = IGNORE_INDEX
+    n_valid = (targets != IGNORE_INDEX).sum()
+    results = []
+    for launch in (None, fused.Launch(block_n=1, block_v=128, num_warps=1, programs=4, single_block=False)):
+        grad = torch.empty_like(x)
+        loss, z = fused.fused_ce_rows(x, targets, grad, n_valid, reduction="mean", ignore_index=IGNORE_INDEX,
+                                      launch=launch, **{"label_smoothing": 0.0, "z_loss": 0.0, "softcap": None,
+                                                        **options})
+        results.append((loss, z, grad))
+    rtol = 1e-5 if dtype == torch.float32 else 2 ** -7  # block order changes the sums' rounding, not more
+    for planned, persistent in zip(*results, strict=True):
+        assert torch.allclose(planned.float(), persistent.float(), rtol=rtol, atol=1e-7)
 
 
 def test_declarations(impls):
@@ -195,7 +230,7 @@ def test_declarations(impls):
     assert logits.family == "logits" and logits.mutates_inputs and logits.uses_triton
     assert logits.reductions == ("mean", "sum", "none")
     assert linear.family == "linear" and not linear.mutates_inputs and linear.uses_triton
-    assert linear.reductions == ("mean", "sum")
+    assert linear.reductions == ("mean", "sum", "none") and linear.grad_in_forward == ("mean", "sum")
     for impl in (logits, linear):
         assert impl.label_smoothing and impl.z_loss and impl.softcap and impl.ignore_index
 

@@ -1,0 +1,102 @@
+"""triton_fused_linear's grad_weight accumulates inside the matmul: no V×H temporary per chunk (issue 10, item 2).
+
+The CUDA branch (addmm with out_dtype=float32 writing into the fp32 accumulator) cannot run
+here, but the same code runs on the meta device, where a dispatch mode sees every operator
+and every tensor it returns: none may be a new acc-sized tensor. The CPU branch (blocks of
+rows upcast, addmm_ in place) and the whole training step are measured with the profiler's
+allocation events (cebench.measure.peak_memory).
+"""
+
+import sys
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from cebench.measure import peak_memory
+
+pytest.importorskip("triton")
+V, H, ROWS = 4096, 512, 64
+
+
+@pytest.fixture(scope="module")
+def fused_linear(impls):
+    return sys.modules["cebench_plugin_triton_fused_linear"]
+
+
+class NewTensors(TorchDispatchMode):
+    """Records (operator, shape) of every tensor an operator returns that is not a view of `acc`."""
+
+    def __init__(self, acc):
+        super().__init__()
+        self.acc, self.new = acc, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(t, torch.Tensor) and not torch._C._is_alias_of(t, self.acc):
+                self.new.append((str(func), tuple(t.shape)))
+        return out
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cuda_branch_accumulates_into_the_fp32_buffer(fused_linear, dtype):
+    acc = torch.zeros(V, H, device="meta")
+    a, b = torch.empty(V, ROWS, dtype=dtype, device="meta"), torch.empty(ROWS, H, dtype=dtype, device="meta")
+    with NewTensors(acc) as seen:
+        fused_linear.accumulate_fp32(acc, a, b)
+    assert seen.new == [], f"temporaries: {seen.new}"
+
+
+def test_cuda_branch_falls_back_to_bounded_blocks_on_an_older_torch(fused_linear, monkeypatch):
+    # torch builds whose addmm(out_dtype=) wants `self` in the input dtype refuse the fp32
+    # accumulator; the fallback's fp32 products are then one block of rows at a time
+    def refuse(*args, **kwargs):
+        raise RuntimeError("self and mat2 must have the same dtype, but got Float and BFloat16")
+
+    monkeypatch.setattr(fused_linear, "_dtype_addmm_ok", True)
+    monkeypatch.setattr(fused_linear.torch, "addmm", refuse)
+    monkeypatch.setattr(fused_linear, "ACC_BLOCK_BYTES", V * H)  # a quarter of acc
+    acc = torch.zeros(V, H, device="meta")
+    a, b = torch.empty(V, ROWS, dtype=torch.bfloat16, device="meta"), torch.empty(ROWS, H, dtype=torch.bfloat16,
+                                                                                  device="meta")
+    with NewTensors(acc) as seen:
+        fused_linear.accumulate_fp32(acc, a, b)
+    assert not fused_linear._dtype_addmm_ok
+    products = [shape for op, shape in seen.new if "mm" in op]
+    assert products and all(rows * cols * 4 <= V * H for rows, cols in products)
+
+
+def test_cpu_branch_temporary_is_one_block(fused_linear, monkeypatch):
+    monkeypatch.setattr(fused_linear, "ACC_BLOCK_BYTES", 1 << 20)
+    acc = torch.zeros(V, H)
+    a, b = torch.randn(ROWS, V).to(torch.bfloat16).T, torch.randn(ROWS, H).to(torch.bfloat16)
+    expected = acc.double() + a.double() @ b.double()
+    peak = peak_memory(lambda _: fused_linear.accumulate_fp32(acc, a, b), "cpu", 0).peak_bytes
+    assert peak <= (1 << 20) + ROWS * H * 4 + 4096, f"{peak} bytes; V×H×4 is {V * H * 4}"
+    assert torch.allclose(acc.double(), expected, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_training_step_peak_holds_one_fp32_grad_weight(fused_linear, monkeypatch, dtype):
+    # forward + backward over 8 chunks: the peak is the fp32 grad_weight, the returned gradients
+    # and one chunk's logits, never a second V×H fp32 buffer
+    n = 256
+    torch.manual_seed(0)
+    hidden = torch.randn(n, H).to(dtype).requires_grad_()
+    weight = (torch.randn(V, H) / H**0.5).to(dtype).requires_grad_()
+    targets = torch.randint(0, V, (n,))
+    size = hidden.element_size()
+    monkeypatch.setattr(fused_linear, "CHUNK_BYTES", 32 * V * size)
+    rows = fused_linear.chunk_rows(n, V, size)
+    assert n // rows >= 8
+
+    def step(_):
+        fused_linear.triton_fused_linear(hidden, weight, targets).backward()
+        hidden.grad = weight.grad = None
+
+    peak = peak_memory(step, "cpu", 0).peak_bytes
+    # fp32 accumulator, grad_hidden, and for bf16 the grad_weight it returns (fp32 returns the accumulator)
+    floor = V * H * 4 + n * H * size + V * H * size * (dtype != torch.float32)
+    slack = 3 * rows * V * 4 + (1 << 20)  # one chunk of logits and its fp32 upcast, per-row vectors
+    assert peak <= floor + slack, f"peak {peak / 2**20:.2f} MiB; floor {floor / 2**20:.2f}, V×H×4 {V * H * 4 / 2**20:.0f}"
