@@ -220,7 +220,9 @@ def run(impls: list[Impl], device: str, plugins=(), timeout: float | None = 120.
             log(f"conformance: {len(cells)} vocab-parallel cell(s) on {world} ranks (one launch)")
             rows += _launch(world, cells, kind, impls, plugins, timeout or 120.0, log)
     order = {s.name: i for i, s in enumerate(chosen)}
-    return sorted(rows, key=lambda r: (order.get(r["scenario"].split(" · ")[0], len(order)), r["scenario"]))
+    position = {impl.name: i for i, impl in enumerate(impls)}  # the table's columns in the order asked for
+    return sorted(rows, key=lambda r: (order.get(r["scenario"].split(" · ")[0], len(order)), r["scenario"],
+                                       position[r["impl"]]))
 
 
 def _by_name(impls, name: str) -> Impl:
