@@ -256,3 +256,16 @@ def test_registers_and_reports_unavailable_without_triton(impls, monkeypatch):
         registry.load_file(registry.BUILTIN_DIR / f"{stem}.py")
     for name in ("triton_fused", "triton_fused_linear"):
         assert registry.registry()[name].unavailable_reason() == "triton is not installed"
+
+
+@pytest.mark.parametrize("cap", [30.0, 5.0])
+def test_softcap_is_accurate_to_a_few_ulp(fused, cap):
+    # with V = 1 the log-sum-exp is the capped logit itself, so the z-loss term (λ = 1) is z²
+    x = torch.cat([torch.logspace(-4, 3, 200), -torch.logspace(-4, 3, 200), torch.tensor([0.0, 1e30, -1e30])])
+    n = x.numel()
+    row_loss, row_z = fused.fused_ce_rows(x[:, None].contiguous(), torch.zeros(n, dtype=torch.long), None,
+                                          torch.tensor(n), reduction="none", ignore_index=IGNORE_INDEX,
+                                          label_smoothing=0.0, z_loss=1.0, softcap=cap)
+    exact = cap * torch.tanh(x.double() / cap)
+    rel = (row_z.double().sqrt() - exact.abs()).abs() / exact.abs().clamp_min(1e-30)
+    assert rel.max() < 4e-7, f"worst {rel.max():.2e} at x = {x[rel.argmax()].item():.3g}"
