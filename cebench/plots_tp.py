@@ -23,7 +23,7 @@ import math
 import matplotlib.pyplot as plt
 import pandas as pd
 
-from cebench.plots import Figure, _colors, _data, _line_plot, _png
+from cebench.plots import STYLES, Figure, _colors, _data, _line_plot, _png
 from cebench.report_data import modes_of, trusted
 
 PAIRS = (("vocab_parallel", "logits"), ("vocab_parallel_linear", "linear"))
@@ -61,14 +61,16 @@ def error_and_bytes(frame: pd.DataFrame, family: str) -> Figure | None:
     sent = sent.assign(world_size=sent["world_size"].fillna(1).astype(int))
     mode = next((m for m in ("forward+backward", "backward", "forward") if m in set(sent["mode"])), None)
     sent = sent[sent["mode"] == mode]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(9.8, 3.0))
-    fig.subplots_adjust(left=0.08, right=0.7, bottom=0.17, top=0.89, wspace=0.35)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11.0, 3.2))
+    fig.subplots_adjust(left=0.08, right=0.62, bottom=0.17, top=0.89, wspace=0.4)
     colors = _colors(pd.concat([errors["impl"], sent["impl"]]))
-    summary = []
+    summary, styles = [], {}
     for (impl, metric, dtype, V), line in errors.groupby(["impl", "metric", "dtype", "V"], sort=True):
         line = line.sort_values("world_size")
-        left.plot(line["world_size"], line["value"].clip(lower=1e-12), marker="o", ms=4, color=colors[impl],
-                  label=f"{impl} {metric[8:-1]}, {dtype}, V={V}")
+        style = STYLES[styles.setdefault(impl, 0) % len(STYLES)]
+        styles[impl] += 1
+        left.plot(line["world_size"], line["value"].clip(lower=1e-12), linestyle=style[0], marker=style[1], ms=4,
+                  color=colors[impl], label=f"{impl} {metric[8:-1]}, {dtype}, V={V}")
         points = ", ".join(f"{w}: {v:.2e}" for w, v in zip(line["world_size"], line["value"], strict=True))
         summary.append(f"{impl} {metric} ({dtype}, V={V}) by world size {points}")
     for (impl, dtype, V), line in sent.groupby(["impl", "dtype", "V"], sort=True):
@@ -77,14 +79,14 @@ def error_and_bytes(frame: pd.DataFrame, family: str) -> Figure | None:
         points = ", ".join(f"{w}: {v:.0f} B" for w, v in zip(line["world_size"], line["value"], strict=True))
         summary.append(f"{impl} bytes sent per rank per {mode} call ({dtype}, V={V}): {points}")
     left.set_yscale("log")
-    left.set_title("gradient error vs float64 (worst rank)", y=1.0, pad=6)
-    right.set_title(f"bytes sent per rank per call ({mode})", y=1.0, pad=6)
+    left.set_title("error vs float64 (worst rank)", y=1.0, pad=6)
+    right.set_title(f"bytes per rank per {mode} call", y=1.0, pad=6)
     for ax in (left, right):
         ax.set_xscale("log", base=2)
         ax.set_xlabel("world_size")
         ax.grid(True, alpha=0.3)
     left.set_ylabel("relative error")
-    fig.legend(*left.get_legend_handles_labels(), loc="center left", bbox_to_anchor=(0.72, 0.5), fontsize="small",
+    fig.legend(*left.get_legend_handles_labels(), loc="center left", bbox_to_anchor=(0.63, 0.5), fontsize="small",
                frameon=False)
     return Figure(id=f"tp-error-bytes-{family.replace('_', '-')}",
                   title=f"{family}: accuracy and bytes communicated against world size",
