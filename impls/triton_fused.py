@@ -16,10 +16,11 @@ logits once, write the gradient once):
     read once into registers; longer rows rely on L2: the grid is sized so that the rows in
     flight (programs × V × b, twice that with inplace=False) fill at most `l2_fraction` of L2.
     If they did not fit, the second pass would cost another b.
-  - backward: 0 when the upstream gradient is exactly 1 (loss.backward() on a mean or sum, or an
-    all-ones gradient for none); 2b (read and write the gradient) otherwise.
+  - backward: 0 when the upstream gradient is exactly 1 (loss.backward() on a mean or sum; for
+    none, each row whose upstream gradient is 1); 2b (read and write the gradient) otherwise.
   - forward+backward: 2b with an upstream gradient of 1 (the floor), 4b otherwise. The previous
     design moved 5b: two DRAM passes over every row above 8192 columns, and a full scaling pass.
+tests/test_kernel_traffic.py counts these bytes in the interpreter (every load and store).
 
 Launch: on a GPU, persistent programs (CANDIDATE_CONFIGS lists what to try first; pick one with
 the `config=` keyword or CEBENCH_TRITON_FUSED_CONFIG=<name>). In the CPU interpreter, a few big
