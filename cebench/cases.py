@@ -14,7 +14,9 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-MODES = ("forward", "backward", "forward+backward")
+MODES = ("forward", "backward", "forward+backward", "eval")
+AUTOCAST = "autocast-"  # dtype policy prefix: float32 inputs, the call under torch.autocast(dtype=...)
+DTYPES = ("float32", "bfloat16", "float16", "autocast-bfloat16", "autocast-float16")
 IGNORE_INDEX = -100
 LOGIT_STD = 2.0  # typical spread of trained LM logits; large enough to exercise the max shift
 
@@ -52,7 +54,18 @@ class Case:
 
     @property
     def torch_dtype(self) -> torch.dtype:
-        return getattr(torch, self.dtype)
+        """The dtype of the inputs: float32 under an autocast policy (fp32 master weights)."""
+        return torch.float32 if self.autocast else getattr(torch, self.dtype)
+
+    @property
+    def autocast(self) -> torch.dtype | None:
+        """The autocast dtype the call runs under ("autocast-bfloat16"), else None."""
+        return getattr(torch, self.dtype.removeprefix(AUTOCAST)) if self.dtype.startswith(AUTOCAST) else None
+
+    @property
+    def precision(self) -> str:
+        """The dtype the results are computed in, and judged by: the autocast dtype under autocast."""
+        return self.dtype.removeprefix(AUTOCAST)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -79,8 +92,9 @@ def validate_case(case: Case) -> None:
         raise CaseError(f"V must be a positive integer, got {case.V!r}")
     if case.family.endswith("linear") and (not isinstance(case.H, int) or case.H <= 0):
         raise CaseError(f"family {case.family!r} needs a positive integer H, got {case.H!r}")
-    if case.dtype not in ("float32", "bfloat16", "float16"):
-        raise CaseError(f"dtype must be float32, bfloat16 or float16, got {case.dtype!r}")
+    if case.dtype not in DTYPES:
+        raise CaseError(f"dtype must be float32, bfloat16 or float16 (or autocast-bfloat16, autocast-float16: "
+                        f"float32 inputs under torch.autocast), got {case.dtype!r}")
     if case.reduction not in ("mean", "sum", "none"):
         raise CaseError(f"reduction must be mean, sum or none, got {case.reduction!r}")
     if not 0.0 <= case.ignore_frac <= 1.0:

@@ -39,6 +39,10 @@ class TimingPlan:
     min_time_s: float = 0.2
     cuda_warmup_ms: float = 25.0
     cuda_rep_ms: float = 100.0
+    # the upstream gradient of the timed backward: "ones", what `loss.backward()` on a mean or sum
+    # loss gives in training (kernels may skip their scaling then, and users get that), or "random",
+    # the agreement check's (which always uses a random one, so a kernel ignoring it fails)
+    upstream_grad: str = "ones"
 
 
 @dataclass

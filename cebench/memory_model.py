@@ -3,6 +3,7 @@
 The report divides what each implementation measured by these floors, so a reader sees how
 far it is from the best any implementation could do, not only how it ranks against the others.
 
+Eval (the loss alone, under no_grad) has the forward's floors: one read, one statistic per row.
 Logits family (inputs: logits N×V, targets N):
   bytes moved  forward: read the logits once.  backward / forward+backward: read the logits
                once and write their gradient once (a fused kernel computes the gradient in the
@@ -26,7 +27,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2,
+               "autocast-bfloat16": 4, "autocast-float16": 4}  # autocast: the float32 inputs are what is read
 STAT_BYTES = 4  # one float32 log-sum-exp per row
 TARGET_BYTES = 8  # int64 targets
 MiB = float(1 << 20)
@@ -64,7 +66,7 @@ def floor(family: str, mode: str, N: int, V: int, H: int | None, dtype: str) -> 
         inputs = (N + V) * H * size
         moved = inputs * (2 if backward else 1) + small
         extra = (inputs if backward else 0) + N * STAT_BYTES
-        matmuls = {"forward": 2, "backward": 4, "forward+backward": 6}[mode]
+        matmuls = {"forward": 2, "eval": 2, "backward": 4, "forward+backward": 6}[mode]
         return Floor(moved, extra, matmuls * N * V * H)
     logits = N * V * size
     moved = logits * (2 if backward else 1) + small

@@ -27,7 +27,7 @@ from pathlib import Path
 FAMILIES = ("logits", "linear", "vocab_parallel", "vocab_parallel_linear")
 REDUCTIONS = ("mean", "sum", "none")
 DEVICES = ("cpu", "cuda")
-DTYPES = ("float32", "bfloat16", "float16")
+DTYPES = ("float32", "bfloat16", "float16", "autocast-bfloat16", "autocast-float16")
 BUILTIN_DIR = Path(__file__).resolve().parent.parent / "impls"
 
 

@@ -28,6 +28,8 @@ COLUMNS = [
     "z_loss", "softcap", "device", "mutates_inputs",
     # vocab-parallel runs (cebench.distributed): ranks in the group, bytes communicated per call (cebench.comm)
     "world_size", "comm_bytes",
+    # what a mode's time holds: the forward computes the gradient too; the timed backward's upstream gradient
+    "grad_in_forward", "upstream_grad",
 ]
 STATUSES = ("ok", "unsupported", "skipped", "failed", "oom", "timeout", "unavailable")
 REPO = Path(__file__).resolve().parent.parent

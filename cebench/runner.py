@@ -21,6 +21,7 @@ timeout rows for what was left of that cell, and the run goes on with a fresh wo
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 import tempfile
@@ -40,6 +41,7 @@ from cebench.validate import check_inputs
 
 MiB = float(1 << 20)
 MUTATION_LIE = "mutated its inputs although declared mutates_inputs=False"
+EVAL_MUTATION = "wrote into its inputs under no_grad"  # whatever it declares for training: eval loops reuse the logits
 NOT_RUN = "not run: the worker ended"  # rows a dead worker left undone (the problem is reported once)
 
 
@@ -71,8 +73,19 @@ def fresh_inputs(pristine: dict[str, torch.Tensor], case: Case) -> dict[str, tor
 
 
 def call(impl: Impl, case: Case, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    """One call as training code makes it; under an autocast policy, inside torch.autocast (float32 inputs)."""
     names = (*differentiable_names(case), "targets")
-    return impl.fn(*(inputs[n] for n in names), **impl_kwargs(impl, case))
+    args = [inputs[n] for n in names]
+    if case.autocast is None:
+        return impl.fn(*args, **impl_kwargs(impl, case))
+    with torch.autocast(args[0].device.type, dtype=case.autocast):
+        return impl.fn(*args, **impl_kwargs(impl, case))
+
+
+def evaluate(impl: Impl, case: Case, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The loss alone, as an evaluation loop computes it (validation loss, perplexity)."""
+    with torch.no_grad():
+        return call(impl, case, inputs)
 
 
 def _backward(loss: torch.Tensor, grad_output: torch.Tensor) -> None:
@@ -84,7 +97,9 @@ def mode_callables(impl: Impl, case: Case, mode: str, inputs, pristine, grad_out
 
     Backward mode's setup is the forward, so its time excludes the forward and every
     call gets a fresh graph. An implementation that overwrites its inputs gets them
-    restored from the pristine copy in the setup of every call.
+    restored from the pristine copy in the setup of every call. Eval mode is the loss
+    alone, as an evaluation loop computes it: under torch.no_grad(), on inputs that do
+    not require grad (views of the same tensors, so a write into them is seen).
     """
     def refresh():
         if impl.mutates_inputs:
@@ -92,6 +107,9 @@ def mode_callables(impl: Impl, case: Case, mode: str, inputs, pristine, grad_out
                 for name, tensor in inputs.items():
                     tensor.copy_(pristine[name])
 
+    if mode == "eval":
+        plain = {name: tensor.detach() for name, tensor in inputs.items()}
+        return refresh, lambda _: evaluate(impl, case, plain)
     if mode == "forward":
         return refresh, lambda _: call(impl, case, inputs)
     if mode == "forward+backward":
@@ -118,7 +136,9 @@ class CellRunner:
             "status": status, "N": case.N, "V": case.V, "H": case.H, "dtype": case.dtype,
             "reduction": case.reduction, "ignore_frac": case.ignore_frac, "label_smoothing": case.label_smoothing,
             "z_loss": case.z_loss, "softcap": case.softcap, "device": self.device,
-            "mutates_inputs": self.impl.mutates_inputs, "trusted": self.trusted and status == "ok", **values,
+            "mutates_inputs": self.impl.mutates_inputs, "trusted": self.trusted and status == "ok",
+            "grad_in_forward": self.impl.forward_computes_grad(case.reduction), "upstream_grad": self.plan.upstream_grad,
+            **values,
         }
 
     def rows(self) -> Iterator[dict]:
@@ -157,6 +177,27 @@ class CellRunner:
             yield self.row(mode, "time", status, unit="ms", reason=reason)
 
     def _check(self) -> tuple[list[dict], bool]:
+        """The agreement call (training: forward and backward) and the evaluation call, on fresh copies.
+
+        Everything only the check needs (the float64 reference, the call's outputs) is dropped
+        before timing starts; an out-of-memory anywhere in here is an `oom` row, never a harness error.
+        """
+        try:
+            rows, ok = self._agreement_rows()
+            if ok:
+                rows.append(self._eval_row())
+        except Exception as exc:
+            self.trusted = False
+            return [self.row("check", "agreement", _failure_status(exc), unit="bool", reason=_describe(exc))], False
+        finally:
+            if self.ref is not None:
+                self.ref.release()
+            self.ref = None
+            if self.device.startswith("cuda"):
+                torch.cuda.empty_cache()
+        return rows, True
+
+    def _agreement_rows(self) -> tuple[list[dict], bool]:
         inputs = fresh_inputs(self.pristine, self.case)
         try:
             loss = call(self.impl, self.case, inputs)
@@ -166,13 +207,11 @@ class CellRunner:
             return [self.row("check", "agreement", _failure_status(exc), unit="bool", reason=_describe(exc))], False
         outputs = {"loss": loss.detach(), **{n: inputs[n].grad for n in differentiable_names(self.case)}}
         agreements = compare(outputs, self.ref, self.case.dtype)
+        del outputs, loss
         self.trusted = all(a.ok for a in agreements) and not self.interpreted
-        rows = []
-        for a in agreements:
-            rows.append(self.row("check", f"max_abs_err[{a.quantity}]", unit="abs", value=a.max_abs_err))
-            rows.append(self.row("check", f"rel_err[{a.quantity}]", unit="rel", value=a.rel_err))
+        rows = [row for a in agreements for row in self._agreement_values(a)]
         ok = all(a.ok for a in agreements)
-        worst = max(agreements, key=lambda a: a.rel_err / a.tolerance)
+        worst = max(agreements, key=_badness)
         reason = ("agrees: " if ok else "DISAGREES with float64 reference: ") + worst.describe()
         mutated = mutated_inputs(inputs, self.pristine)
         lied = bool(mutated) and not self.impl.mutates_inputs
@@ -185,12 +224,52 @@ class CellRunner:
                              reason=("mutated: " + ", ".join(mutated)) if mutated else ""))
         return rows, True
 
+    def _agreement_values(self, a) -> list[dict]:
+        """The figures of one agreement: errors, and the accuracy against what the dtype allows."""
+        rows = [self.row("check", f"max_abs_err[{a.quantity}]", unit="abs", value=a.max_abs_err),
+                self.row("check", f"rel_err[{a.quantity}]", unit="rel", value=a.rel_err),
+                self.row("check", f"accuracy[{a.quantity}]", unit="x best", value=a.accuracy, reason=a.describe())]
+        if a.quantity != "loss":
+            rows.append(self.row("check", f"row_accuracy[{a.quantity}]", unit="x best", value=a.row_accuracy,
+                                 reason=f"worst row {a.worst_row}"))
+            rows.append(self.row("check", f"bias[{a.quantity}]", unit="half-ulps", value=a.bias,
+                                 reason=f"t = {a.bias_t:.1f}"))
+        if a.target_rel_err is not None:
+            rows.append(self.row("check", f"target_accuracy[{a.quantity}]", unit="u", value=a.target_accuracy,
+                                 reason=f"target-class entries: rel {a.target_rel_err:.2e}"))
+        return rows
+
+    def _eval_row(self) -> dict:
+        """An evaluation call (no_grad, inputs not requiring grad): the loss agrees, the inputs stay untouched
+        whatever the implementation declares for training (eval loops reuse the logits)."""
+        inputs = {k: v.clone() for k, v in self.pristine.items()}
+        try:
+            loss = evaluate(self.impl, self.case, inputs)
+        except Exception as exc:
+            self.trusted = False
+            return self.row("check", "eval_agreement", _failure_status(exc), unit="bool", reason=f"eval: {_describe(exc)}")
+        agreement = compare({"loss": loss.detach()}, _LossOnly(self.ref), self.case.dtype)[0]
+        mutated = mutated_inputs(inputs, self.pristine)
+        ok = agreement.ok and not mutated
+        self.trusted = self.trusted and ok
+        reason = ("eval agrees: " if agreement.ok else "eval DISAGREES with float64 reference: ") + agreement.describe()
+        if mutated:
+            reason = f"eval {EVAL_MUTATION} (mutated: {', '.join(mutated)}); {reason}"
+        return self.row("check", "eval_agreement", "ok" if ok else "failed", unit="bool", value=float(ok), reason=reason)
+
+    def _timing_grad(self) -> torch.Tensor:
+        """The timed backward's upstream gradient: ones, as `loss.backward()` gives in training, unless the
+        suite asks for the check's random one (recorded in every row's upstream_grad)."""
+        if self.plan.upstream_grad == "ones":
+            return torch.ones_like(self.grad_output)
+        return self.grad_output
+
     def _measure(self, mode: str) -> Iterator[dict]:
         # the interpreter runs kernels on numpy copies: neither their time nor torch's allocator view is real
         note = "Triton interpreter on CPU: timing and memory not meaningful" if self.interpreted else ""
         try:
             inputs = fresh_inputs(self.pristine, self.case)
-            setup, measured = mode_callables(self.impl, self.case, mode, inputs, self.pristine, self.grad_output)
+            setup, measured = mode_callables(self.impl, self.case, mode, inputs, self.pristine, self._timing_grad())
             began = time.perf_counter()
             memory = peak_memory(measured, self.device, self.case.input_bytes(), setup=setup)
             if self.interpreted:  # one interpreted call costs seconds and its time means nothing: reuse it
@@ -219,6 +298,23 @@ class CellRunner:
         # the time row comes last: its presence marks the mode finished (see --resume)
         yield self.row(mode, "time", unit="ms", value=timing.median, p20=timing.quantile(0.2),
                        p80=timing.quantile(0.8), n=len(timing.samples_ms), reason=note)
+
+
+class _LossOnly:
+    """A view of a reference that asks only for the loss (the evaluation check has no gradients)."""
+
+    def __init__(self, ref):
+        self._ref, self.names = ref, ("loss",)
+
+    def __getattr__(self, name):
+        return getattr(self._ref, name)
+
+
+def _badness(a) -> float:
+    """How far an agreement is from failing (above 1: failed): picks the one a row's reason names."""
+    if a.ok:
+        return max(a.accuracy / a.limit, a.row_accuracy / a.row_limit)
+    return math.inf if not math.isfinite(a.accuracy) else 1 + max(a.accuracy / a.limit, a.row_accuracy / a.row_limit)
 
 
 INTERPRETER_SKIP = "Triton interpreter on CPU: only forward+backward is measured (timings not meaningful)"
@@ -375,7 +471,7 @@ def _safe(name: str) -> str:
 
 def _note(outcome: Outcome, row: dict, log) -> None:
     label = f"{row['impl']} on {row['case']}"
-    if row["metric"] == "agreement" and row["status"] == "failed":
+    if row["metric"] in ("agreement", "eval_agreement") and row["status"] == "failed":
         target = outcome.failed if "DISAGREES" not in row.get("reason", "") else outcome.disagreed
         target.append(f"{label}: {row['reason']}")
         log(f"  !! {label}: {row['reason']}")

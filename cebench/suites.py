@@ -5,15 +5,16 @@
     device = "cuda"            # "cpu", "cuda" or "any": where the suite is meant to run
     [timing]                   # optional, overrides cebench.measure.TimingPlan
     min_time_s = 0.1
+    upstream_grad = "ones"     # the timed backward's upstream gradient: "ones" (training) or "random"
     [[sweep]]                  # one or more grids; each is a cartesian product
     family = "linear"          # logits | linear | vocab_parallel | vocab_parallel_linear
     batch = [1, 4]             # with seq: N = batch × seq (or give N = [...])
     seq = [1024]
     V = [50257]
     H = [768]                  # linear family only
-    dtype = ["bfloat16"]
+    dtype = ["bfloat16"]       # "autocast-bfloat16": float32 inputs, the call under torch.autocast
     reduction = ["mean"]       # also ignore_frac, label_smoothing, z_loss, softcap lists
-    modes = ["forward", "backward", "forward+backward"]
+    modes = ["forward", "backward", "forward+backward", "eval"]   # eval: loss only, under no_grad
     impls = ["torch", ...]     # optional: restrict this grid to these implementations
     world_size = [1, 2]        # vocab_parallel families: ranks to shard V over (default: --nproc)
 
@@ -31,6 +32,7 @@ from pathlib import Path
 from cebench.cases import MODES, Case, CaseError
 from cebench.measure import TimingPlan
 
+UPSTREAM_GRADS = ("ones", "random")
 SUITES_DIR = Path(__file__).resolve().parent.parent / "suites"
 DEFAULT_SUITE = {"cpu": "smoke", "cuda": "gpt2"}
 
@@ -42,7 +44,7 @@ _GRID_KEYS = {
     "seq": (int, "a list of positive integers"),
     "V": (int, "a list of positive integers"),
     "H": (int, "a list of positive integers"),
-    "dtype": (str, 'a list of "float32", "bfloat16", "float16"'),
+    "dtype": (str, 'a list of "float32", "bfloat16", "float16", "autocast-bfloat16", "autocast-float16"'),
     "reduction": (str, 'a list of "mean", "sum", "none"'),
     "ignore_frac": (float, "a list of numbers in [0, 1]"),
     "label_smoothing": (float, "a list of numbers in [0, 1]"),
@@ -131,10 +133,14 @@ def _timing(path: Path, table: dict) -> TimingPlan:
     for key, value in table.items():
         if key not in allowed:
             raise SuiteError(f"{path}: unknown key 'timing.{key}'; expected one of {sorted(allowed)}")
+        if key == "upstream_grad":
+            if value not in UPSTREAM_GRADS:
+                raise SuiteError(f"{path}: key 'timing.upstream_grad' must be \"ones\" or \"random\", got {value!r}")
+            continue
         if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
             raise SuiteError(f"{path}: key 'timing.{key}' must be a non-negative number, got {value!r}")
     counts = {"warmup", "min_repeats", "max_repeats"}
-    return TimingPlan(**{k: int(v) if k in counts else float(v) for k, v in table.items()})
+    return TimingPlan(**{k: v if k == "upstream_grad" else int(v) if k in counts else float(v) for k, v in table.items()})
 
 
 def _grid_values(path: Path, where: str, key: str, value) -> list:

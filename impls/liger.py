@@ -117,8 +117,16 @@ OPTIONS = dict(reductions=("mean", "sum", "none"), label_smoothing=True, z_loss=
 # (a bf16 loss gives a bf16 upstream gradient) without a cast; the Triton 3.9 interpreter
 # computes bf16 × bf16 on the raw bits and returns garbage (1e19, NaN). reduction="none"
 # scales in PyTorch instead and float16 multiplies correctly, but the declaration is per
-# dtype, so bf16 is left out on CPU. `liger_linear`'s loss is fp32 and is not affected.
-LOGITS_DTYPES = ("float32", "bfloat16", "float16") if torch.cuda.is_available() else ("float32", "float16")
+# dtype, so bf16 is left out on CPU. `liger_linear`'s loss is fp32 and is not affected by that,
+# but by the next: the interpreter converts fp32 to bf16 by truncation (round toward zero; a GPU
+# rounds to nearest), so the bf16 gradient chunks Liger's kernel stores come out ~0.5 % small,
+# a bias cebench's agreement check flags (-2 half-ulps, t = -19 at N=128, V=2053). bf16 and bf16
+# autocast of `liger_linear` are therefore declared only where CUDA is.
+_CUDA = torch.cuda.is_available()
+LOGITS_DTYPES = (("float32", "bfloat16", "float16") if _CUDA else ("float32", "float16")) + (
+    "autocast-bfloat16", "autocast-float16")
+LINEAR_DTYPES = ("float32", "bfloat16", "float16", "autocast-bfloat16", "autocast-float16") if _CUDA else (
+    "float32", "float16", "autocast-float16")
 
 
 @cebench.register(name="liger", family="logits", mutates_inputs=True, dtypes=LOGITS_DTYPES, **OPTIONS,
@@ -128,7 +136,7 @@ def liger(logits, targets, *, reduction="mean", ignore_index=-100, label_smoothi
     return _module(False, reduction, ignore_index, label_smoothing, z_loss, softcap)(logits, targets)
 
 
-@cebench.register(name="liger_linear", family="linear", **OPTIONS,
+@cebench.register(name="liger_linear", family="linear", dtypes=LINEAR_DTYPES, **OPTIONS,
                   description="LigerFusedLinearCrossEntropyLoss: token chunks of the matmul through Liger's kernel")
 def liger_linear(hidden, weight, targets, *, reduction="mean", ignore_index=-100, label_smoothing=0.0, z_loss=0.0,
                  softcap=None):

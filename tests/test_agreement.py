@@ -31,13 +31,30 @@ def _cases(impl):
                     yield case
 
 
+# Where a built-in is genuinely less accurate than its dtype allows, and cebench says so (strict: a
+# fix, or a check that stops seeing it, turns the xfail into a failure). Measured figures are in the
+# README, "What counts as wrong".
+NAIVE = "naive softmax's -log(p + 1e-10) bends the gradient by 1e-10/p: 28x the fp32 best at V=4099"
+TORCH_CPU_BF16 = ("PyTorch's CPU bf16 cross_entropy rounds the log-probabilities and reduces in bf16: its loss misses "
+                  "by more than one bf16 step (cebench cannot tell that from a 1 % error), or label smoothing's "
+                  "p - eps/V comes out biased")
+KNOWN = {
+    ("naive_softmax", "logits N=64 V=4099 float32 mean ignore_frac=0.2"): NAIVE,
+    ("naive_softmax", "logits N=64 V=4099 float32 sum"): NAIVE,
+    ("naive_softmax", "logits N=64 V=4099 float32 none ignore_frac=0.2"): NAIVE,
+    ("naive_softmax", "logits N=8 V=50257 float32 mean ignore_frac=0.2"): NAIVE,
+    ("naive_softmax", "logits N=8 V=50257 float32 sum"): NAIVE,
+    ("naive_softmax", "logits N=64 V=4099 bfloat16 sum"): NAIVE,
+    ("torch", "logits N=5 V=7 bfloat16 mean label_smoothing=0.1"): TORCH_CPU_BF16,
+    ("linear_torch", "linear N=48 V=1031 H=64 bfloat16 mean label_smoothing=0.1"): TORCH_CPU_BF16,
+    ("linear_torch", "linear N=8 V=50257 H=32 bfloat16 mean label_smoothing=0.1"): TORCH_CPU_BF16,
+    ("torch_linear", "linear N=48 V=1031 H=64 bfloat16 sum"): TORCH_CPU_BF16,
+}
+
+
 def _known_disagreement(name, case):
-    # The textbook version's −log(p + 1e-10) is off by ~1e-10/p: with V=50257, p_target is
-    # often below 1e-7 and the fp32 loss is off by more than the tolerance. This is the
-    # instability the benchmark exists to show (test_naive_softmax_instability_is_caught).
-    if name == "naive_softmax" and case.dtype == "float32" and case.V >= 50257:
-        return pytest.mark.xfail(strict=False, reason="naive softmax's 1e-10 epsilon bends the loss at large V")
-    return ()
+    reason = KNOWN.get((name, case.id))
+    return pytest.mark.xfail(strict=True, reason=reason) if reason else ()
 
 
 def _params():

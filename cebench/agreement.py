@@ -1,0 +1,321 @@
+"""The agreement check: is an implementation's loss and every gradient as accurate as its dtype allows?
+
+Tolerances are derived from the dtype and the data, not read from a table. For each
+gradient the yardstick is the error of the exact (float64) answer rounded to the dtype:
+the best any implementation returning that dtype can do. The yardstick is floored by
+float32 arithmetic (FP32_FLOOR, relative), since every kernel computes in at most fp32.
+
+  accuracy      ‖got − ref‖ / ‖round(ref) − ref‖ over the whole tensor: 1 means as
+                accurate as the dtype allows; a correct kernel that rounds once lands near 1.
+  row accuracy  the same ratio for the worst row against its own reference (floored by the
+                tensor's typical rounding level, so a row that happens to round exactly is
+                not a false alarm). A norm over N rows hides one wrong row (it shows as
+                ~1/√N); this does not. A row whose reference is exactly zero (an ignored
+                target) must come back as (almost) zero.
+  loss          element by element, in rounding steps of the dtype the loss is returned in
+                (or of the precision the case is computed in, when that is coarser):
+                |got − ref| / (½ ulp(ref) + float32 arithmetic), so 1 is "correctly rounded".
+                A scalar loss cannot carry more than its dtype holds; the rule allows one ulp
+                and nothing more.
+
+An agreement is ok when accuracy ≤ GRAD_LIMIT and row accuracy ≤ ROW_LIMIT (gradients), or
+the loss is within LOSS_LIMIT half-ulps (one ulp). The limits sit between what the
+built-ins measure (README, "What counts as wrong") and what the planted bugs of
+tests/test_agreement_limits.py measure: a loss 1 % off, a gradient 1 % off, one row wrong
+or never written, a nonzero gradient in an ignored row.
+
+Memory is bounded: the reference streams its rows (cebench.reference.Reference.grad_rows)
+and each chunk is compared and dropped; what is kept is O(N) per-row sums of squares.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+FP32_FLOOR = 2.0**-24 * 256  # relative error float32 arithmetic is allowed (≈1.5e-5)
+ROW_FLOOR = 2.0**-24 * 4  # float32 arithmetic on a row's scale (cancellations such as p - ε/V)
+GRAD_LIMIT = 8.0
+ROW_LIMIT = 16.0
+BIAS_LIMIT = 2.0  # mean signed error, in half-ulps
+TARGET_LIMIT = 2.5  # target-class entries: in unit roundoffs (a correct kernel rounds once: <= 1; twice: <= 2)
+BIAS_T = 6.0  # and significant: |t| above this
+LOSS_LIMIT = 2.0  # in half-ulps of the returned dtype: one rounding step
+_MANTISSA = {torch.float64: 52, torch.float32: 23, torch.bfloat16: 7, torch.float16: 10}
+_PRECISION = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class Agreement:
+    quantity: str  # "loss" or the input name whose gradient this is
+    max_abs_err: float
+    rel_err: float  # ‖got − ref‖ / ‖ref‖
+    best_rel: float  # the yardstick: rounding to the dtype, floored by fp32 arithmetic (relative)
+    accuracy: float  # rel_err / best_rel (loss: worst element in half-ulps)
+    row_accuracy: float  # worst row, against its own reference
+    worst_row: int | None = None
+    limit: float = GRAD_LIMIT
+    row_limit: float = ROW_LIMIT
+    bias: float = 0.0  # mean signed error of the entries beyond the best's, in half-ulps (gradients)
+    bias_t: float = 0.0  # its t-statistic: a bias counts only when significant
+    target_accuracy: float = 0.0  # logits: the target-class entries' error in unit roundoffs of the dtype
+    target_rel_err: float | None = None  # logits: their plain relative error (reported apart from the rest)
+
+    @property
+    def tolerance(self) -> float:
+        """The relative error allowed over the whole tensor."""
+        return self.limit * self.best_rel
+
+    @property
+    def ok(self) -> bool:
+        biased = abs(self.bias) > BIAS_LIMIT and abs(self.bias_t) > BIAS_T
+        return (self.accuracy <= self.limit and self.row_accuracy <= self.row_limit and not biased
+                and self.target_accuracy <= TARGET_LIMIT)
+
+    def describe(self) -> str:
+        verdict = "<=" if self.ok else ">"
+        if self.quantity == "loss" or self.quantity.startswith("loss "):
+            where = f" (row {self.worst_row})" if self.worst_row is not None else ""
+            return (f"{self.quantity}: {self.accuracy:.3g} half-ulps{where} {verdict} {self.limit:g} "
+                    f"(rel {self.rel_err:.2e}, max abs {self.max_abs_err:.2e})")
+        return (f"{self.quantity}: accuracy {self.accuracy:.3g}x the dtype's best, worst row {self.worst_row} "
+                f"{self.row_accuracy:.3g}x, bias {self.bias:+.2f} half-ulps (t {self.bias_t:+.1f}){self._target()} "
+                f"{verdict} limits {self.limit:g}x/{self.row_limit:g}x/±{BIAS_LIMIT:g}"
+                f"{f'/{TARGET_LIMIT:g}u' if self.target_rel_err is not None else ''} (rel {self.rel_err:.2e} vs "
+                f"best {self.best_rel:.1e}, max abs {self.max_abs_err:.2e})")
+
+    def _target(self) -> str:
+        if self.target_rel_err is None:
+            return ""
+        return f", target class {self.target_accuracy:.3g}u (rel {self.target_rel_err:.1e})"
+
+
+def failed(quantity: str, why: str = "") -> Agreement:
+    """An agreement that cannot hold: the output is missing or has the wrong shape."""
+    return Agreement(f"{quantity}{f' ({why})' if why else ''}", math.inf, math.inf, 0.0, math.inf, math.inf)
+
+
+def precision(dtype: str) -> torch.dtype:
+    """The torch dtype a case's results are judged in ("autocast-bfloat16" judges as bfloat16)."""
+    return _PRECISION[dtype.removeprefix("autocast-")]
+
+
+def compare(outputs: dict, ref, dtype: str, shards: dict[str, tuple[int, int, int]] | None = None) -> list[Agreement]:
+    """Agreement of the loss and of every gradient in `outputs` with the reference `ref`.
+
+    `ref` is a cebench.reference.Reference. `dtype` is the precision the case is computed in.
+    `shards` (vocab-parallel ranks): name -> (dim, start, stop) when outputs[name] holds only
+    that slice of the full gradient along dim (0: rows, 1: columns); each rank then checks its
+    own slice. A missing output fails.
+    """
+    results = []
+    for name in ref.names:
+        got = outputs.get(name)
+        if got is None:
+            results.append(failed(name, "missing"))
+        elif name == "loss":
+            results.append(_loss_agreement(got.detach(), ref, precision(dtype)))
+        else:
+            results.append(_grad_agreement(name, got.detach(), ref, precision(dtype), (shards or {}).get(name)))
+    return results
+
+
+def _coarser(a: torch.dtype, b: torch.dtype) -> torch.dtype:
+    return a if _MANTISSA[a] < _MANTISSA[b] else b
+
+
+def half_ulp(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Half the spacing of `dtype` at each value of float64 `x` (the largest rounding error there)."""
+    info = torch.finfo(dtype)
+    exponent = torch.floor(torch.log2(x.abs().clamp(min=info.tiny)))  # subnormals: the spacing at tiny
+    return torch.pow(2.0, exponent - _MANTISSA[dtype]) / 2
+
+
+def _difference(got: torch.Tensor, expected: torch.Tensor) -> torch.Tensor:
+    """got − expected in float64, where equal non-finite values (NaN and NaN, inf and inf) differ by 0
+    and any other non-finite difference is inf."""
+    diff = got - expected
+    same = (got == expected) | (torch.isnan(got) & torch.isnan(expected))
+    diff = torch.where(same, torch.zeros_like(diff), diff)
+    return torch.nan_to_num(diff, nan=math.inf, posinf=math.inf, neginf=math.inf)
+
+
+def _loss_agreement(got: torch.Tensor, ref, prec: torch.dtype) -> Agreement:
+    expected = ref.loss.to(got.device)
+    if got.shape != expected.shape:
+        return failed("loss", f"shape {tuple(got.shape)} != {tuple(expected.shape)}")
+    judged = _coarser(got.dtype, prec) if got.dtype in _MANTISSA else prec
+    diff = _difference(got.double(), expected).abs()
+    allowed = half_ulp(torch.nan_to_num(expected, nan=0.0), judged) + FP32_FLOOR * _loss_scale(ref, expected)
+    ratio = diff / allowed
+    worst = int(ratio.argmax()) if ratio.numel() > 1 else None
+    norm = float(torch.nan_to_num(expected, nan=0.0).norm())
+    diff_norm = float(diff.norm())
+    rel = diff_norm / norm if norm > 0 else diff_norm
+    accuracy = float(ratio.max()) if ratio.numel() else 0.0
+    best = float(allowed.norm()) / norm if norm > 0 else float(allowed.norm())
+    return Agreement("loss", float(diff.max()) if diff.numel() else 0.0, rel, best, accuracy, accuracy, worst,
+                     LOSS_LIMIT, LOSS_LIMIT)
+
+
+def _loss_scale(ref, expected: torch.Tensor) -> torch.Tensor:
+    """What float32 arithmetic errs relative to, per element: the loss itself and the log-sum-exp it
+    subtracts from (a loss of 1e-4 next to an lse of 12 loses digits to the lse, not to the loss)."""
+    lse = torch.nan_to_num(ref.lse.to(expected.device).abs(), nan=0.0, posinf=0.0)
+    valid = ref.valid.to(expected.device)
+    lse = torch.where(valid, lse, torch.zeros_like(lse))
+    case = ref.case
+    if case.reduction == "none":
+        scale = lse
+    elif case.reduction == "sum":
+        scale = lse.sum()
+    else:
+        scale = lse.sum() / max(1, ref.n_valid)
+    return torch.nan_to_num(expected.abs(), nan=0.0, posinf=0.0) + scale
+
+
+def _grad_agreement(name: str, got: torch.Tensor, ref, prec: torch.dtype, shard) -> Agreement:
+    dim, start, stop = shard if shard else (0, 0, None)
+    full_rows = ref.case.N if not (ref.linear and name == "weight") else ref.case.V
+    expected_shape = _expected_shape(ref, name, full_rows, dim, start, stop)
+    if tuple(got.shape) != expected_shape:
+        return failed(name, f"shape {tuple(got.shape)} != {expected_shape}")
+    judged = _coarser(got.dtype, prec) if got.dtype in _MANTISSA else prec
+    sums = _RowSums(got.shape[0], got.device)
+    for rows, chunk, best in ref.grad_rows(name, best=judged):
+        sub, chunk = _restrict(rows, chunk, dim, start, stop)
+        if chunk is None:
+            continue
+        targets = _target_columns(ref, name, rows, dim, start, stop)
+        sums.add(sub, got[sub].to(chunk.device, torch.float64), chunk, _restrict(rows, best, dim, start, stop)[1], judged,
+                 targets)
+    return sums.agreement(name, ref.grad_scale(name))
+
+
+def _target_columns(ref, name: str, rows: slice, dim: int, start: int, stop: int | None):
+    """For the logits gradient: each row's target column within the chunk (-1: ignored, or in another shard)."""
+    if name != "logits":
+        return None
+    cols = ref.inputs["targets"][rows].to(torch.int64)
+    valid = ref.valid[rows]
+    if stop is not None and dim == 1:
+        valid = valid & (cols >= start) & (cols < stop)
+        cols = cols - start
+    return torch.where(valid, cols, -1)
+
+
+def _expected_shape(ref, name, full_rows, dim, start, stop) -> tuple[int, ...]:
+    width = ref.inputs[name].shape[1] if name in ref.inputs else ref.case.V
+    shape = [full_rows, width]
+    if stop is not None:
+        shape[dim] = stop - start
+    return tuple(shape)
+
+
+def _restrict(rows: slice, chunk: torch.Tensor, dim: int, start: int, stop: int | None):
+    """The part of a reference chunk (full rows `rows`) that the output holds; rows re-based to the output."""
+    if stop is None:
+        return rows, chunk
+    if dim == 1:
+        return rows, chunk[:, start:stop]
+    lo, hi = max(rows.start, start), min(rows.stop, stop)
+    if lo >= hi:
+        return rows, None
+    return slice(lo - start, hi - start), chunk[lo - rows.start:hi - rows.start]
+
+
+class _RowSums:
+    """Per-row sums over a gradient's elements: enough to judge it three ways, in O(N) memory.
+
+    `best` is the closest answer the dtype allows (cebench.reference.Reference.grad_rows): the
+    gradient rounded to the dtype, or for the linear family computed from a rounded logits gradient.
+    By norm: ‖got − ref‖ / ‖ref‖ against ‖best − ref‖ / ‖ref‖, over the tensor and per row.
+    Dominated by the largest entries (each row's target entry, about -1/n), it sees wrong rows and,
+    in fp16, a scaled gradient (the other entries are subnormal there and their rounding hides 1 %).
+    By bias: each error in half-ulps of the dtype at its reference value, signed towards the
+    reference's magnitude, averaged, minus the same average for `best`. Rounding is unbiased, and
+    so is the noise of a kernel that rounds twice or saves rounded log-probabilities (PyTorch's
+    bf16 backward), but a gradient 1 % too large is about +3 half-ulps on every bf16 entry. The norm
+    cannot see that in bf16 when all target entries share the mantissa of 1/n and it happens to
+    round badly. The bias counts only when it is also significant (t-statistic over the entries),
+    so that a tensor of a few dozen entries cannot fake one.
+    """
+
+    def __init__(self, n_rows: int, device):
+        zeros = torch.zeros(n_rows, dtype=torch.float64, device=device)
+        self.err2, self.ref2, self.best2 = zeros, zeros.clone(), zeros.clone()  # Σ error², reference², best²
+        self.bias_sum = self.noise2 = self.bias_count = 0.0
+        self.target_err2 = self.target_allowed2 = self.target_ref2 = 0.0
+        self.max_abs = 0.0
+
+    def add(self, rows: slice, got: torch.Tensor, expected: torch.Tensor, best: torch.Tensor,
+            judged: torch.dtype, targets: torch.Tensor | None = None) -> None:
+        diff = _difference(got, expected)
+        if diff.numel():
+            self.max_abs = max(self.max_abs, float(diff.abs().max()))
+        finite = torch.nan_to_num(expected, nan=0.0, posinf=0.0, neginf=0.0)
+        best_diff = torch.nan_to_num(best, nan=0.0, posinf=0.0, neginf=0.0).sub_(finite)
+        device = self.err2.device
+        for total, values in ((self.err2, diff), (self.ref2, finite), (self.best2, best_diff)):
+            total[rows] = values.square().sum(dim=1).to(device)
+        self._add_bias(diff, best_diff, finite, judged)
+        if targets is not None:
+            self._add_targets(diff, finite, targets.to(diff.device), judged)
+
+    def _add_targets(self, diff, finite, targets, judged: torch.dtype) -> None:
+        """The entry at each row's target class (p - 1, the largest and the one low precision loses first):
+        its error against the dtype's unit roundoff, plus float32 arithmetic on the row's scale."""
+        held = targets >= 0
+        if not bool(held.any()):
+            return
+        index = targets.clamp(min=0).unsqueeze(1)
+        err = diff.gather(1, index).squeeze(1)[held]
+        value = finite.gather(1, index).squeeze(1)[held].abs()
+        row_scale = finite.abs().amax(dim=1)[held]
+        allowed = value * 2.0 ** -(_MANTISSA[judged] + 1) + FP32_FLOOR * row_scale
+        self.target_err2 += float(err.square().sum())
+        self.target_allowed2 += float(allowed.square().sum())
+        self.target_ref2 += float(value.square().sum())
+
+    def _add_bias(self, diff, best_diff, finite, judged: torch.dtype) -> None:
+        if not finite.numel():
+            return
+        row_scale = finite.square().mean(dim=1, keepdim=True).sqrt_()
+        allowed = half_ulp(finite, judged).add_(finite.abs(), alpha=FP32_FLOOR).add_(row_scale * ROW_FLOOR)
+        nonzero = finite != 0
+        excess = torch.where(nonzero, (diff - best_diff) / allowed, torch.zeros_like(diff))
+        excess = torch.nan_to_num(excess, posinf=1e150, neginf=-1e150)
+        self.bias_sum += float((excess * finite.sign()).sum())
+        self.noise2 += float(excess.square().sum())
+        self.bias_count += float(nonzero.sum())
+
+    def bias(self) -> tuple[float, float]:
+        """(mean excess signed error in half-ulps, its t-statistic)."""
+        if not self.bias_count:
+            return 0.0, 0.0
+        mean = self.bias_sum / self.bias_count
+        spread = math.sqrt(max(self.noise2 / self.bias_count - mean * mean, 0.0))
+        return mean, (mean * math.sqrt(self.bias_count) / spread if spread > 0 else math.copysign(math.inf, mean)
+                      if mean else 0.0)
+
+    def agreement(self, name: str, scale_hint: float = 0.0) -> Agreement:
+        ref_norm = math.sqrt(float(self.ref2.sum()))
+        err_norm = math.sqrt(float(self.err2.sum()))
+        rel = err_norm / ref_norm if ref_norm > 0 else err_norm
+        best_rel = max(math.sqrt(float(self.best2.sum())) / ref_norm if ref_norm > 0 else 0.0, FP32_FLOOR)
+        # a row's yardstick: its own best, at least the tensor's typical level; a row whose reference
+        # is zero (an ignored target) gets float32 arithmetic on a typical row's norm, so it must be ~0
+        typical_row = max(ref_norm / math.sqrt(max(1, int((self.ref2 > 0).sum()))), scale_hint)
+        floor = torch.clamp(self.ref2.sqrt() * best_rel, min=max(FP32_FLOOR * typical_row, 1e-300))
+        row_ratio = self.err2.sqrt() / torch.maximum(self.best2.sqrt(), floor)
+        worst = int(row_ratio.argmax()) if row_ratio.numel() else None
+        row_accuracy = float(row_ratio.max()) if row_ratio.numel() else 0.0
+        # an all-zero reference (V=1, every target ignored) is judged row by row, against the scale it would have
+        accuracy = rel / best_rel if ref_norm > 0 else row_accuracy
+        bias, t = self.bias()
+        target = math.sqrt(self.target_err2 / self.target_allowed2) if self.target_allowed2 else 0.0
+        target_rel = math.sqrt(self.target_err2 / self.target_ref2) if self.target_ref2 else None
+        return Agreement(name, self.max_abs, rel, best_rel, accuracy, row_accuracy, worst, bias=bias, bias_t=t,
+                         target_accuracy=target, target_rel_err=target_rel)
