@@ -20,9 +20,28 @@ def torch_cross_entropy(logits, targets, *, reduction="mean", ignore_index=-100,
                            label_smoothing=label_smoothing)
 
 
+# Dynamo compiles one graph per shape (dynamic=False) and, past `recompile_limit` graphs of one
+# function (8 by default), silently runs the function eagerly from then on. One worker serves every
+# case of a suite, so the 9th shape of a sweep would be timed as plain F.cross_entropy while labelled
+# torch_compile. The limit is raised for this process, and hitting it is made an error, so every cell
+# runs compiled code or fails with the reason: never a mislabelled eager timing.
+RECOMPILE_LIMIT = 512
+
+
+def compile_without_silent_fallback(limit: int = RECOMPILE_LIMIT) -> None:
+    config = torch._dynamo.config
+    for name in ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit", "accumulated_cache_size_limit"):
+        if hasattr(config, name):
+            setattr(config, name, max(getattr(config, name), limit))
+    for name in ("fail_on_recompile_limit_hit", "fail_on_cache_limit_hit"):
+        if hasattr(config, name):
+            setattr(config, name, True)
+
+
 @functools.cache
 def _compiled():
     # dynamic=False: one specialised graph per shape, as a training job with fixed shapes gets
+    compile_without_silent_fallback()
     return torch.compile(F.cross_entropy, dynamic=False)
 
 

@@ -100,7 +100,12 @@ def run(tmp_path_factory):
 
 def test_agrees_with_float64_at_world_sizes_1_and_2(run):
     proc, rows, _ = run
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    # the run's only problem is a finding: megatron_vp also overwrites float32 logits under no_grad (eval)
+    problems = [line for line in proc.stderr.splitlines() if "PROBLEM: " in line]
+    assert all("megatron_vp on" in p and "float32" in p and "eval wrote into its inputs" in p for p in problems), problems
+    assert proc.returncode == (1 if problems else 0), proc.stderr[-3000:]
+    evals = rows[(rows.metric == "eval_agreement") & (rows.impl == "megatron_vp") & (rows.V == V_EVEN)]
+    assert set(evals[evals.status == "failed"].dtype) == {"float32"}
     checks = rows[(rows.metric == "agreement") & (rows.V == V_EVEN)]
     ran = checks[checks.status == "ok"]
     # megatron_vp: 2 dtypes x 3 reductions x 2 world sizes; the fused one: bf16 only
