@@ -74,11 +74,26 @@ def _reset_grads(tensors) -> None:
 
 
 def _time_cuda(fn, plan: TimingPlan, grad_to_none) -> Timing:
+    """triton.testing.do_bench's samples, at least plan.min_repeats of them.
+
+    do_bench sizes its repeat count from `rep` milliseconds: a call slower than `rep` gets one
+    sample, and then p20/p80 and compare's Mann-Whitney test mean nothing. It is called again,
+    with the time still missing, until enough samples are in (each call keeps its own L2 flush).
+    """
     from triton.testing import do_bench
 
-    samples = do_bench(fn, warmup=plan.cuda_warmup_ms, rep=plan.cuda_rep_ms,
-                       grad_to_none=list(grad_to_none) or None, return_mode="all")
-    return Timing([float(s) for s in samples])
+    grads = list(grad_to_none) or None
+    samples = [float(s) for s in do_bench(fn, warmup=plan.cuda_warmup_ms, rep=plan.cuda_rep_ms, grad_to_none=grads,
+                                           return_mode="all")]
+    while len(samples) < plan.min_repeats:
+        missing_ms = (plan.min_repeats - len(samples)) * statistics.median(samples) * 1.2
+        samples += [float(s) for s in do_bench(fn, warmup=0, rep=missing_ms, grad_to_none=grads, return_mode="all")]
+    return Timing(samples)
+
+
+def l2_flush_buffer() -> torch.Tensor:
+    """256 MiB zeroed before every timed call, as do_bench does: larger than any L2, so no call starts warm."""
+    return torch.empty(256 << 20, dtype=torch.int8, device="cuda")
 
 
 def _time_cuda_with_setup(fn, setup, plan: TimingPlan, grad_to_none) -> Timing:
@@ -87,9 +102,7 @@ def _time_cuda_with_setup(fn, setup, plan: TimingPlan, grad_to_none) -> Timing:
     do_bench has no per-call setup hook; backward-mode timing needs one (a fresh forward
     graph per call, so no retain_graph), and so do implementations that overwrite their inputs.
     """
-    from triton.testing import do_bench  # noqa: F401  (same dependency as the setup-free path)
-
-    flush = torch.empty(256 << 20, dtype=torch.int8, device="cuda")
+    flush = l2_flush_buffer()
 
     def one_call() -> float:
         state = setup()

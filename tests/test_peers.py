@@ -50,13 +50,21 @@ def _cases(impl):
     return cases
 
 
+# Findings, strict: PyTorch's chunked linear CE (CPU, bf16, its "accurate" policy) returns a bf16 loss
+# more than one bf16 step from the exact one (measured 2.35 half-ulps, rel 7.9e-3).
+KNOWN = {("torch_linear", "linear N=37 V=1001 H=48 bfloat16 mean ignore_frac=0.2"):
+         "F.linear_cross_entropy on CPU in bf16: loss off by 1.2 bf16 steps"}
+
+
 def _params():
     for name in PEERS:
         impl = IMPLS.get(name)
         if impl is None:  # the file failed to load: test_peer_files_load says why
             continue
         for case in _cases(impl):
-            yield pytest.param(name, case, id=f"{name}-{case.id}")
+            known = KNOWN.get((name, case.id))
+            marks = pytest.mark.xfail(strict=True, reason=known) if known else ()
+            yield pytest.param(name, case, id=f"{name}-{case.id}", marks=marks)
 
 
 def _skip_unless_runnable(impl, case=None):
