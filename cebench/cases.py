@@ -18,6 +18,7 @@ MODES = ("forward", "backward", "forward+backward", "eval")
 AUTOCAST = "autocast-"  # dtype policy prefix: float32 inputs, the call under torch.autocast(dtype=...)
 DTYPES = ("float32", "bfloat16", "float16", "autocast-bfloat16", "autocast-float16")
 IGNORE_INDEX = -100
+DISTRIBUTIONS = ("gaussian", "lm")
 LOGIT_STD = 2.0  # typical spread of trained LM logits; large enough to exercise the max shift
 
 
@@ -35,6 +36,8 @@ class Case:
     softcap: float | None = None
     seed: int = 0
     world_size: int | None = None  # vocab-parallel families: ranks the vocabulary is sharded over (None: --nproc)
+    distribution: str = "gaussian"  # the inputs: "gaussian" logits (std LOGIT_STD) or "lm" (peaked like a trained head)
+    model: str | None = None  # the model preset(s) this head is (a label for the report; V and H are the shape)
 
     def __post_init__(self):
         validate_case(self)
@@ -47,6 +50,10 @@ class Case:
         parts += [self.dtype, self.reduction]
         if self.world_size is not None:
             parts.append(f"world={self.world_size}")
+        if self.distribution != "gaussian":
+            parts.append(f"dist={self.distribution}")
+        if self.model:
+            parts.append(f"model={self.model}")
         for key, default in (("ignore_frac", 0.0), ("label_smoothing", 0.0), ("z_loss", 0.0), ("softcap", None)):
             if getattr(self, key) != default:
                 parts.append(f"{key}={getattr(self, key)}")
@@ -106,6 +113,8 @@ def validate_case(case: Case) -> None:
     if case.world_size is not None and (not isinstance(case.world_size, int) or case.world_size <= 0
                                         or not case.family.startswith("vocab_parallel")):
         raise CaseError(f"world_size must be a positive integer (vocab_parallel families only), got {case.world_size!r}")
+    if case.distribution not in DISTRIBUTIONS:
+        raise CaseError(f"distribution must be one of {', '.join(DISTRIBUTIONS)}, got {case.distribution!r}")
     if case.softcap is not None and case.softcap <= 0:
         raise CaseError(f"softcap must be positive or absent, got {case.softcap!r}")
 

@@ -100,13 +100,15 @@ def _check_tokens(tokens: list[int]) -> list[int]:
 
 def _grids(chosen: list[Model], tokens: list[int]) -> tuple[Grid, ...]:
     """A logits grid and a linear grid per distinct head (two presets with the same head share them)."""
-    heads = dict.fromkeys((m.V, m.H, m.softcap) for m in chosen)
     grids = []
     for family in ("logits", "linear"):
-        for V, H, softcap in heads:
+        heads: dict[tuple, list[str]] = {}  # the logits family has no H: models sharing V and softcap share it
+        for m in chosen:
+            heads.setdefault((m.V, m.H if family == "linear" else None, m.softcap), []).append(m.name)
+        for (V, H, softcap), names in heads.items():
             try:
                 cases = tuple(Case(family=family, N=n, V=V, H=H if family == "linear" else None, dtype=DTYPE,
-                                   softcap=softcap) for n in tokens)
+                                   softcap=softcap, model="+".join(names)) for n in tokens)
             except CaseError as exc:  # cannot happen with the checked table and tokens; kept for a clear message
                 raise SuiteError(f"model presets make an invalid case: {exc}") from exc
             grids.append(Grid(cases, MODES, None))

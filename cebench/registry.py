@@ -59,6 +59,8 @@ class Impl:
     # "forward" time holds most of the work and its backward only scales): the report shows it
     # next to every forward time, since comparing such a forward with a loss-only one is unfair
     grad_in_forward: tuple[str, ...] = ()
+    # a per-case rule beyond the declared options (size multiples, equal shards): case -> reason or None
+    case_rule: Callable | None = field(default=None, repr=False, compare=False)
 
     def forward_computes_grad(self, reduction: str) -> bool:
         return reduction in self.grad_in_forward
@@ -90,7 +92,7 @@ class Impl:
         for option in ("label_smoothing", "z_loss", "softcap"):
             if getattr(case, option) and not getattr(self, option):
                 return f"{option} not supported"
-        return None
+        return self.case_rule(case) if self.case_rule else None
 
     def options_summary(self) -> str:
         flags = [o for o in ("ignore_index", "label_smoothing", "z_loss", "softcap") if getattr(self, o)]
@@ -121,6 +123,7 @@ def register(
     available: Callable[[], str | None] | None = None,
     description: str = "",
     grad_in_forward: bool | tuple[str, ...] | list[str] = False,
+    case_rule: Callable | None = None,
 ):
     """Declare a cross-entropy implementation.
 
@@ -132,6 +135,8 @@ def register(
     returns a differentiable loss like `F.cross_entropy` (with z_loss included).
     grad_in_forward: True when the forward computes the whole gradient too (fused kernels that
     store it for the backward to scale), or the reductions for which it does.
+    case_rule: a function of the case returning why it cannot be served (None: it can), for limits
+    the options above cannot say, such as size multiples or equal vocabulary shards.
     """
     _check_declaration(name, family, reductions, devices, dtypes)
     if isinstance(grad_in_forward, bool):
@@ -146,7 +151,7 @@ def register(
             reductions=tuple(reductions), ignore_index=ignore_index, label_smoothing=label_smoothing,
             z_loss=z_loss, softcap=softcap, devices=tuple(devices), dtypes=tuple(dtypes),
             mutates_inputs=mutates_inputs, uses_triton=uses_triton, requires=tuple(requires), available=available,
-            grad_in_forward=tuple(grad_in_forward),
+            grad_in_forward=tuple(grad_in_forward), case_rule=case_rule,
         )
         previous = _REGISTRY.get(name)
         if previous is not None and previous.source != impl.source:

@@ -30,6 +30,8 @@ COLUMNS = [
     "world_size", "comm_bytes",
     # what a mode's time holds: the forward computes the gradient too; the timed backward's upstream gradient
     "grad_in_forward", "upstream_grad",
+    # the inputs' distribution (cebench.cases) and the model preset the head comes from, if any
+    "distribution", "model",
 ]
 STATUSES = ("ok", "unsupported", "skipped", "failed", "oom", "timeout", "unavailable")
 REPO = Path(__file__).resolve().parent.parent

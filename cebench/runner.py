@@ -138,6 +138,7 @@ class CellRunner:
             "z_loss": case.z_loss, "softcap": case.softcap, "device": self.device,
             "mutates_inputs": self.impl.mutates_inputs, "trusted": self.trusted and status == "ok",
             "grad_in_forward": self.impl.forward_computes_grad(case.reduction), "upstream_grad": self.plan.upstream_grad,
+            "distribution": case.distribution, "model": case.model,
             **values,
         }
 

@@ -51,7 +51,6 @@ Fairness notes (what a timed call does):
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import functools
 import importlib.util
 import inspect
@@ -63,7 +62,6 @@ import torch
 import torch.distributed as dist
 
 import cebench
-from cebench import registry
 
 REDUCTIONS = ("mean", "sum", "none")
 
@@ -80,28 +78,6 @@ def _megatron():
         from megatron.core.fusions.fused_cross_entropy import fused_vocab_parallel_cross_entropy
         from megatron.core.tensor_parallel.cross_entropy import vocab_parallel_cross_entropy
     return parallel_state, vocab_parallel_cross_entropy, fused_vocab_parallel_cross_entropy
-
-
-@dataclasses.dataclass(frozen=True)
-class _ShapeLimited(registry.Impl):
-    """An Impl whose unsupported_reason also applies a per-case rule (the registry has no hook for one
-    yet: this file swaps the record `register` stored for this subclass, same fields plus the rule)."""
-
-    shape_rule: Callable | None = dataclasses.field(default=None, repr=False, compare=False)
-
-    def unsupported_reason(self, case, device: str) -> str | None:
-        return super().unsupported_reason(case, device) or (self.shape_rule(case) if self.shape_rule else None)
-
-
-def _limit_shapes(rule: Callable) -> Callable:
-    def decorator(fn):
-        impl = fn.cebench_impl
-        limited = _ShapeLimited(**{f.name: getattr(impl, f.name) for f in dataclasses.fields(impl)}, shape_rule=rule)
-        registry._REGISTRY[impl.name] = limited
-        fn.cebench_impl = limited
-        return fn
-
-    return decorator
 
 
 def megatron_core_present() -> str | None:
@@ -176,9 +152,8 @@ def _masked_rows(per_token: Callable, logits, targets, ignore_index: int) -> tup
     return torch.where(valid, rows, torch.zeros_like(rows)), valid
 
 
-@_limit_shapes(even_shards_reason)
 @cebench.register(name="megatron_vp", family="vocab_parallel", reductions=REDUCTIONS, mutates_inputs=True,
-                  requires=("megatron",), available=megatron_core_present,
+                  requires=("megatron",), available=megatron_core_present, case_rule=even_shards_reason,
                   description="Megatron-Core vocab_parallel_cross_entropy: 3 all-reduces, softmax over fp32 logits")
 def megatron_vp(logits, targets, *, reduction="mean", ignore_index=-100, vocab_start=0, group=None):
     """megatron.core.tensor_parallel.vocab_parallel_cross_entropy, masked and reduced here."""
@@ -189,9 +164,8 @@ def megatron_vp(logits, targets, *, reduction="mean", ignore_index=-100, vocab_s
     return _reduce(rows, valid, reduction)
 
 
-@_limit_shapes(even_shards_reason)
 @cebench.register(name="megatron_vp_fused", family="vocab_parallel", reductions=REDUCTIONS, dtypes=("bfloat16",),
-                  requires=("megatron",), available=megatron_core_present,
+                  requires=("megatron",), available=megatron_core_present, case_rule=even_shards_reason,
                   description="Megatron-Core fused_vocab_parallel_cross_entropy: torch.compile, 2 all-reduces, bf16 grad")
 def megatron_vp_fused(logits, targets, *, reduction="mean", ignore_index=-100, vocab_start=0, group=None):
     """megatron.core.fusions.fused_cross_entropy.fused_vocab_parallel_cross_entropy, masked and reduced here."""
