@@ -118,16 +118,16 @@ class Reference(Mapping):
         if best is not None:
             weight_b = _rounded(weight, best) if case.autocast else weight
             grads.update({("hidden", best): torch.empty_like(grads["hidden"]), ("weight", best): torch.zeros_like(weight)})
-        for sl, z in self._capped_logits(weight):
+        for sl, x in self._logits(weight):
             targets, valid, scale = self.inputs["targets"][sl], self.valid[sl], self.row_scale[sl]
             rows = hidden[sl].double()
-            dz = _rows_grad(case, z, targets, valid, scale)
+            dz = _rows_grad(case, _capped(case, x), targets, valid, scale)
             grads["hidden"][sl] = dz @ weight
             grads["weight"].addmm_(dz.T, rows)
             if best is None:
                 continue
             rows_b = _rounded(rows, best) if case.autocast else rows
-            x_b = _rounded(rows_b @ weight_b.T, best)
+            x_b = _rounded(rows_b @ weight_b.T if case.autocast else x, best)  # exact inputs: x is their product
             dz_b = _rounded(_rows_grad(case, _capped(case, x_b), targets, valid, scale), best)
             grads[("hidden", best)][sl] = dz_b @ weight_b
             grads[("weight", best)].addmm_(dz_b.T, rows_b)
@@ -139,6 +139,11 @@ class Reference(Mapping):
 
     def _capped_logits(self, weight: torch.Tensor | None = None):
         """(rows, z) per chunk: the float64 logits of those rows after the softcap."""
+        for sl, x in self._logits(weight):
+            yield sl, _capped(self.case, x)
+
+    def _logits(self, weight: torch.Tensor | None = None):
+        """(rows, x) per chunk: the float64 logits of those rows (hidden @ weight.T for the linear family)."""
         case = self.case
         rows = self.inputs["hidden"] if self.linear else self.inputs["logits"]
         if self.linear and weight is None:
@@ -146,7 +151,7 @@ class Reference(Mapping):
         step = self._rows_per_chunk(case.V)
         for start in range(0, case.N, step):
             sl = slice(start, min(start + step, case.N))
-            yield sl, _capped(case, rows[sl].double() @ weight.T if self.linear else rows[sl].double())
+            yield sl, rows[sl].double() @ weight.T if self.linear else rows[sl].double()
 
     def grad_scale(self, name: str) -> float:
         """The size a row of the gradient of `name` would have were it not zero: the upstream factor of
