@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from cebench import conformance, distributed, models, registry, resume, suites
+from cebench import conformance, distributed, estimate, models, registry, resume, suites
 from cebench.cases import CaseError
 from cebench.probe import run_probe
 from cebench.report import write_reports
@@ -27,7 +27,13 @@ from cebench.results import REPO, RunWriter, environment, new_run_id, write_env
 from cebench.runner import run_suite, stderr_log
 
 EXIT_OK, EXIT_IMPL_FAILED, EXIT_USAGE = 0, 1, 2
-DEFAULT_TIMEOUT_S = 600.0
+# seconds one implementation may spend on one case: on a GPU a cell of the shipped suites takes seconds,
+# so a cell still running after 3 minutes is stuck and would eat a short GPU slot; the CPU is far slower
+DEFAULT_TIMEOUT_S = {"cpu": 600.0, "cuda": 180.0}
+
+
+def default_timeout(device: str) -> float:
+    return DEFAULT_TIMEOUT_S[device.split(":")[0]]
 RESULTS_DIR = REPO / "results"
 
 
@@ -86,9 +92,9 @@ def cmd_run(args) -> int:
         args.nproc = recorded.get("nproc", 1)
         args.model, args.tokens = recorded.get("model"), recorded.get("tokens")
         args.suite = None if args.model else args.suite  # a preset run is rebuilt from its models, not a file
-    if args.timeout is None:
-        args.timeout = DEFAULT_TIMEOUT_S
     device = _check_device(args.device or detect_device())
+    if args.timeout is None:
+        args.timeout = default_timeout(device)
     suite = _model_suite(args) or suites.load(args.suite or suites.DEFAULT_SUITE[device.split(":")[0]])
     _load_impls(args.plugin)
     impls = registry.select(_split(args.impl))
@@ -233,7 +239,8 @@ def parser() -> argparse.ArgumentParser:
                           "a suite's world_size values above K are skipped (default 1)")
     run.add_argument("--timeout", type=float,
                      help=f"seconds one implementation may spend on one case before it is killed and recorded as "
-                          f"timeout (default {DEFAULT_TIMEOUT_S:g}; 0: no limit; needs isolation)")
+                          f"timeout (default {DEFAULT_TIMEOUT_S['cuda']:g} on a GPU, {DEFAULT_TIMEOUT_S['cpu']:g} on "
+                          f"the CPU; 0: no limit; needs isolation)")
     run.add_argument("--no-isolate", action="store_true",
                      help="run implementations in this process (debugging: a crash then ends the run)")
     run.add_argument("--resume", metavar="RUN_DIR", help="finish an interrupted run, skipping its finished cells")
@@ -255,6 +262,9 @@ def parser() -> argparse.ArgumentParser:
                      help="exit 1 if any case is significantly slower in RUN_B by more than PCT percent")
     cmp.add_argument("--out", help="also write the Markdown to this file")
     cmp.set_defaults(func=cmd_compare)
+    est = sub.add_parser("estimate", help="how long a suite would take on a GPU (a model, before spending GPU time)")
+    estimate.add_arguments(est)
+    est.set_defaults(func=estimate.report)
     con = sub.add_parser("conformance", help="edge-case matrix for every implementation (Markdown on stdout)")
     con.add_argument("--impl", help="comma-separated implementation names (default: all)")
     con.add_argument("--plugin", action="append", default=[], help="plugin .py file or module name (repeatable)")

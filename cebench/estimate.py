@@ -1,0 +1,148 @@
+"""How long a suite will take on a GPU, before any GPU time is spent: `python -m cebench estimate --suite S`.
+
+GPU time comes in short slots, so a suite must be sized to fit one before it is run. This is a
+model, not a measurement: every constant below is a lead from published figures (ANCHORS.md,
+the device notes) or a guess, named as such, and the first GPU run replaces them with what it
+measured (`--calibrate RUN_DIR` reads a finished run's per-cell wall times, when there is one).
+
+A cell (implementation × case) costs, in order:
+  inputs       generating the case's inputs: a few passes over their bytes;
+  reference    the float64 reference and the agreement check, streamed in row chunks: about
+               REF_BYTES_PER_LOGIT bytes of float64 traffic per logit (both families), plus, for
+               the linear family, five float64 matrix products of 2·N·V·H each (logits, and two
+               gradients each for the exact answer and the dtype's best) at FP64_TFLOPS;
+  check calls  one training call (forward+backward) and one evaluation call;
+  per mode     one call for the peak memory, then the timing loop: do_bench's own 1 + 5 calls
+               to estimate, warm-up and repeats, topped up to min_repeats (cebench.measure);
+               backward mode times with a fresh forward before every call;
+  compile      the first time an implementation meets a shape (COMPILE_S), and a worker start
+               per implementation (WORKER_START_S).
+A call's time is its floor (cebench.memory_model: bytes at the copy bandwidth, or matmul FLOPs
+at the bf16 rate) divided by an efficiency per implementation (EFFICIENCY, a guess from ANCHORS).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from dataclasses import dataclass
+
+from cebench.cases import Case
+from cebench.measure import TimingPlan
+from cebench.memory_model import floor
+
+# Leads, per GPU: copy bandwidth (GB/s, bytes read + written), dense bf16 and fp64 matrix rates (TFLOP/s).
+GPUS = {
+    "h100": {"gbps": 3000.0, "bf16_tflops": 700.0, "fp64_tflops": 50.0},  # ANCHORS: copy ~3.0 TB/s, matmul ~790
+    "h200": {"gbps": 4300.0, "bf16_tflops": 780.0, "fp64_tflops": 50.0},  # device notes: copy 4.3 TB/s, 769-798
+}
+REF_BYTES_PER_LOGIT = 500.0  # ~30 float64 passes of read + write per logit: reference, rounding, sums (counted)
+WORKER_START_S = 3.0  # a worker process with a CUDA context and its implementation's imports (guess)
+COMPILE_S = {"torch_compile": 15.0, "cce_torch_compile": 15.0, "quack": 10.0, "quack_linear": 10.0,
+             "megatron_vp_fused": 15.0}  # per new shape (guess); Triton kernels: TRITON_JIT_S
+TRITON_JIT_S = 2.0
+# fraction of the floor's rate an implementation reaches (guesses from ANCHORS: QuACK ~0.9 of copy
+# bandwidth, torch.compile ~0.5, Liger ~0.3; linear kernels as a fraction of the bf16 matmul rate)
+EFFICIENCY = {"triton_fused": 0.8, "quack": 0.9, "torch_compile": 0.5, "liger": 0.3, "torch": 0.25, "chunked": 0.2,
+              "manual_logsoftmax": 0.1, "naive_softmax": 0.1, "triton_fused_linear": 0.6, "quack_linear": 0.9,
+              "cce": 0.6, "liger_linear": 0.4, "linear_torch": 0.5, "torch_linear": 0.5, "linear_chunked": 0.4,
+              "cce_torch_compile": 0.5}
+DEFAULT_EFFICIENCY = 0.3
+
+
+@dataclass(frozen=True)
+class CellEstimate:
+    impl: str
+    case: str
+    seconds: float
+    parts: dict
+
+
+def call_ms(impl: str, case: Case, mode: str, gpu: dict) -> float:
+    """A call's time: its floor at the GPU's rate over the implementation's efficiency."""
+    f = floor(case.family, "forward+backward" if mode == "backward" else mode, case.N, case.V, case.H, case.dtype)
+    eff = EFFICIENCY.get(impl, DEFAULT_EFFICIENCY)
+    if f.flops:
+        return f.flops / (gpu["bf16_tflops"] * 1e12 * eff) * 1e3
+    return f.bytes_moved / (gpu["gbps"] * 1e9 * eff) * 1e3
+
+
+def timing_calls(t_ms: float, plan: TimingPlan) -> int:
+    """Calls the do_bench path makes for a call of t_ms (cebench.measure._time_cuda, with do_bench's own)."""
+    t = max(t_ms, 1e-3)
+    samples = max(1, int(plan.cuda_rep_ms / t))
+    calls = 1 + 5 + max(1, int(plan.cuda_warmup_ms / t)) + samples
+    while samples < plan.min_repeats:  # each top-up asks for the missing samples' time x 1.2
+        more = max(1, int((plan.min_repeats - samples) * 1.2))
+        calls += 5 + 1 + more
+        samples += more
+    return calls
+
+
+def cell(impl: str, case: Case, modes, plan: TimingPlan, gpu: dict) -> CellEstimate:
+    logits = case.N * case.V
+    parts = {"inputs": 4 * case.input_bytes() / (gpu["gbps"] * 1e9),
+             "reference": logits * REF_BYTES_PER_LOGIT / (gpu["gbps"] * 1e9)}
+    if case.family.endswith("linear"):
+        parts["reference"] += 5 * 2 * case.N * case.V * case.H / (gpu["fp64_tflops"] * 1e12)
+    train, evaluation = call_ms(impl, case, "forward+backward", gpu), call_ms(impl, case, "eval", gpu)
+    parts["check calls"] = (train + evaluation) / 1e3
+    timed = 0.0
+    for mode in modes:
+        t = call_ms(impl, case, mode, gpu)
+        setup = call_ms(impl, case, "forward", gpu) if mode == "backward" else 0.0
+        timed += (t + setup) * (1 + timing_calls(t, plan)) / 1e3
+    parts["timing"] = timed
+    return CellEstimate(impl, case.id, sum(parts.values()), parts)
+
+
+def suite_estimate(suite, impls: dict[str, str], gpu_name: str = "h100") -> tuple[float, list[CellEstimate]]:
+    """(total seconds, cells) for the suite's cells that would run on a GPU, `impls` mapping names to families:
+    peers unavailable here are counted, since the GPU machine has them."""
+    gpu = GPUS[gpu_name]
+    cells, seen_impls, seen_shapes = [], set(), set()
+    total = 0.0
+    for case, modes, restrict in suite.cells():
+        for name, family in impls.items():
+            if family != case.family or (restrict is not None and name not in restrict):
+                continue
+            estimate = cell(name, case, modes, suite.timing, gpu)
+            extra = 0.0
+            if name not in seen_impls:
+                extra += WORKER_START_S
+                seen_impls.add(name)
+            shape = (name, case.N, case.V, case.H, case.dtype)
+            if shape not in seen_shapes:
+                extra += COMPILE_S.get(name, TRITON_JIT_S)
+                seen_shapes.add(shape)
+            cells.append(CellEstimate(name, case.id, estimate.seconds + extra, {**estimate.parts, "start+compile": extra}))
+            total += estimate.seconds + extra
+    return total, cells
+
+
+def gpu_impls(registry_impls, names: list[str] | None = None) -> dict[str, str]:
+    """name -> family of the implementations that run on a GPU (or of the ones named)."""
+    return {i.name: i.family for i in registry_impls if (i.name in names if names else "cuda" in i.devices)}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--suite", required=True, help="suite name in suites/ or path to a .toml file")
+    p.add_argument("--gpu", choices=sorted(GPUS), default="h100")
+    p.add_argument("--impl", help="comma-separated implementations (default: every one the suite's families have)")
+
+
+def report(args) -> int:
+    """Print the estimate of `args.suite` (the CLI's `estimate` command)."""
+    from cebench import registry, suites
+
+    suite = suites.load(args.suite)
+    impls = gpu_impls(registry.load_all().values(), args.impl.split(",") if args.impl else None)
+    total, cells = suite_estimate(suite, impls, args.gpu)
+    by_impl: dict[str, float] = {}
+    for c in cells:
+        by_impl[c.impl] = by_impl.get(c.impl, 0.0) + c.seconds
+    print(f"{suite.name} on {args.gpu}: about {math.ceil(total / 60)} min ({total:.0f} s) for {len(cells)} cells "
+          f"(a model: see cebench/estimate.py)")
+    for name, seconds in sorted(by_impl.items(), key=lambda kv: -kv[1]):
+        print(f"  {name:<22} {seconds:7.1f} s")
+    return 0

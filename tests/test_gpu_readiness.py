@@ -1,0 +1,128 @@
+"""What the first GPU run relies on, checked on the CPU: how calls are made and timed, limits, planning.
+
+- the timed backward gets the upstream gradient training gives (ones), the agreement check a random one;
+- eval mode is the loss alone under no_grad on inputs that do not require grad;
+- an autocast dtype policy runs the call under torch.autocast on float32 inputs and is recorded;
+- the float64 reference is dropped before timing starts;
+- a stuck cell on CUDA gives up after 180 s by default;
+- the run-time model covers every shipped suite and counts do_bench's calls as cebench.measure makes them.
+"""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from cebench import cli, estimate, suites
+from cebench.cases import Case
+from cebench.measure import TimingPlan
+from cebench.registry import load_file, registry
+from cebench.runner import CellRunner, case_data
+
+ROOT = Path(__file__).resolve().parent.parent
+load_file(ROOT / "tests" / "plugins" / "record_calls.py")
+RECORD = sys.modules["cebench_plugin_record_calls"]
+PLAN = TimingPlan(warmup=1, min_repeats=2, max_repeats=2, min_time_s=0.0)
+
+
+def _run_cell(case, modes, plan=PLAN):
+    RECORD.CALLS.clear()
+    pristine, ref, grad_output = case_data(case, "cpu")
+    runner = CellRunner(registry()["record_calls"], case, modes, "cpu", plan, pristine, ref, grad_output,
+                        lambda key, samples: None)
+    rows = list(runner.rows())
+    return runner, rows, grad_output
+
+
+def test_timed_backward_gets_ones_and_the_check_a_random_gradient():
+    runner, rows, grad_output = _run_cell(Case("logits", N=16, V=33), ("forward+backward",))
+    grads = [c["backward_grad"] for c in RECORD.CALLS if "backward_grad" in c]
+    assert float(grads[0]) == float(grad_output) != 1.0  # the agreement call: random, never 1
+    assert len(grads) > 2 and all(float(g) == 1.0 for g in grads[1:])  # every timed call: 1, as loss.backward()
+    assert {r["upstream_grad"] for r in rows} == {"ones"}
+
+
+def test_random_upstream_gradient_when_the_suite_asks():
+    plan = TimingPlan(**{**PLAN.__dict__, "upstream_grad": "random"})
+    _, rows, grad_output = _run_cell(Case("logits", N=16, V=33), ("forward+backward",), plan)
+    grads = [float(c["backward_grad"]) for c in RECORD.CALLS if "backward_grad" in c]
+    assert set(grads) == {float(grad_output)}
+    assert {r["upstream_grad"] for r in rows if r["mode"] != "check"} == {"random"}
+
+
+def test_eval_mode_is_the_loss_alone_under_no_grad():
+    _, rows, _ = _run_cell(Case("logits", N=16, V=33), ("eval",))
+    timed = [c for c in RECORD.CALLS if "grad_enabled" in c][2:]  # after the agreement and the eval check
+    assert timed and all(not c["grad_enabled"] and not c["requires_grad"] for c in timed)
+    assert not any("backward_grad" in c for c in RECORD.CALLS[2:])
+    eval_check = [r for r in rows if r["metric"] == "eval_agreement"]
+    assert len(eval_check) == 1 and eval_check[0]["status"] == "ok"
+    assert [r["status"] for r in rows if r["metric"] == "time"] == ["ok"]
+
+
+def test_autocast_policy_runs_under_autocast_on_float32_inputs(tmp_path):
+    path = tmp_path / "ac.toml"
+    path.write_text('name = "ac"\n[[sweep]]\nfamily = "logits"\nN = [16]\nV = [33]\ndtype = ["autocast-bfloat16"]\n')
+    case = next(suites.load(str(path)).cells())[0]
+    assert case.autocast == torch.bfloat16 and case.torch_dtype == torch.float32 and case.precision == "bfloat16"
+    _, rows, _ = _run_cell(case, ("forward",))
+    calls = [c for c in RECORD.CALLS if "autocast" in c]
+    assert calls and all(c["autocast"] and c["dtype"] == torch.float32 for c in calls)
+    assert {r["dtype"] for r in rows} == {"autocast-bfloat16"}
+
+
+def test_reference_is_dropped_before_timing():
+    runner, rows, _ = _run_cell(Case("logits", N=16, V=33), ("forward",))
+    assert runner.ref is None and any(r["metric"] == "time" and r["status"] == "ok" for r in rows)
+
+
+def test_cuda_default_timeout_is_180_s_and_cpu_600():
+    assert cli.default_timeout("cuda") == cli.default_timeout("cuda:1") == 180.0
+    assert cli.default_timeout("cpu") == 600.0
+
+
+@pytest.mark.parametrize("t_ms,plan", [(0.01, TimingPlan()), (500.0, TimingPlan(min_repeats=5, cuda_rep_ms=50.0))])
+def test_estimate_counts_at_least_min_repeats(t_ms, plan):
+    calls = estimate.timing_calls(t_ms, plan)
+    assert calls >= 1 + 5 + 1 + plan.min_repeats
+
+
+def test_every_shipped_suite_has_an_estimate():
+    impls = {"triton_fused": "logits", "torch": "logits", "triton_fused_linear": "linear", "vp_allreduce": "vocab_parallel"}
+    for name in suites.available_suites():
+        total, cells = estimate.suite_estimate(suites.load(name), impls)
+        assert total > 0 and cells, name
+
+
+def test_runs_with_no_network(tmp_path):
+    """Nothing at run time reaches the network: a run with every internet socket refused still agrees."""
+    blocker = tmp_path / "sitecustomize.py"
+    blocker.write_text("import socket\n_connect = socket.socket.connect\n"
+                       "def connect(self, address):\n"
+                       "    if self.family in (socket.AF_INET, socket.AF_INET6):\n"
+                       "        raise OSError('network refused by the test')\n"
+                       "    return _connect(self, address)\n"
+                       "socket.socket.connect = connect\n")
+    suite = tmp_path / "s.toml"
+    suite.write_text('name = "offline"\n[timing]\nmin_repeats = 1\nmax_repeats = 1\nwarmup = 0\n'
+                     '[[sweep]]\nfamily = "logits"\nN = [8]\nV = [33]\nmodes = ["forward"]\n')
+    env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    out = subprocess.run([sys.executable, "-m", "cebench", "run", "--suite", str(suite), "--impl", "torch,chunked",
+                          "--out", str(tmp_path / "runs"), "--no-report"], cwd=ROOT, env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+
+
+def test_runs_from_a_checkout_without_install(tmp_path):
+    """`PYTHONPATH=<checkout> python -m cebench` works without `pip install`: -S skips site's .pth files, so the
+    editable install is not seen; torch and the other dependencies come from their own directory."""
+    deps = {str(Path(m.__file__).resolve().parent.parent) for m in (torch, __import__("pandas"), __import__("triton"))}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), *deps])}
+    out = subprocess.run([sys.executable, "-S", "-c", "import cebench, runpy, sys; print(cebench.__file__); "
+                          "sys.argv = ['cebench', 'list']; runpy.run_module('cebench', run_name='__main__')"],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.splitlines()[0].startswith(str(ROOT)) and "triton_fused" in out.stdout
