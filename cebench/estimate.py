@@ -50,6 +50,30 @@ EFFICIENCY = {"triton_fused": 0.8, "quack": 0.9, "torch_compile": 0.5, "liger": 
 DEFAULT_EFFICIENCY = 0.3
 
 
+CHECK_CHUNK_TEMPORARIES = 10  # float64 chunk-sized tensors alive at once while a chunk is checked (counted)
+
+
+def harness_bytes(case: Case) -> dict[str, int]:
+    """GPU bytes cebench itself holds for a cell, besides what the implementation allocates: the pristine
+    inputs, the copies a call gets and their gradients, the float64 reference (O(N) per-row statistics;
+    for the linear family the float64 weight and two V x H float64 weight gradients) and the check's chunks."""
+    from cebench.reference import CHUNK_ELEMENTS
+
+    inputs = case.input_bytes()
+    parts = {"pristine inputs": inputs, "call inputs": inputs, "their gradients": inputs - case.N * 8,
+             "reference": case.N * 8 * 4}
+    if case.family.endswith("linear"):
+        parts["reference"] += 3 * case.V * case.H * 8 + 2 * case.N * case.H * 8
+    rows = max(1, CHUNK_ELEMENTS["cuda"] // case.V)
+    parts["check chunks"] = CHECK_CHUNK_TEMPORARIES * min(rows, max(case.N, 1)) * case.V * 8
+    return parts
+
+
+def largest_cell(suite) -> tuple[Case, dict[str, int]]:
+    case = max((c for c, _, _ in suite.cells()), key=lambda c: sum(harness_bytes(c).values()))
+    return case, harness_bytes(case)
+
+
 @dataclass(frozen=True)
 class CellEstimate:
     impl: str
@@ -145,4 +169,8 @@ def report(args) -> int:
           f"(a model: see cebench/estimate.py)")
     for name, seconds in sorted(by_impl.items(), key=lambda kv: -kv[1]):
         print(f"  {name:<22} {seconds:7.1f} s")
+    case, parts = largest_cell(suite)
+    detail = ", ".join(f"{k} {v / 1e9:.1f}" for k, v in parts.items())
+    print(f"largest cell {case.id}: cebench holds {sum(parts.values()) / 1e9:.1f} GB ({detail}) besides the "
+          f"implementation's own memory; an H100 has 80 GB")
     return 0
