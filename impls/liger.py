@@ -35,6 +35,13 @@ Fairness notes (what a timed call does, read in liger_kernel/ops 0.8.5):
     bf16 for bf16 weights). With only `weight` requiring grad (frozen features) it returns
     weight.grad None (issue 17); cebench's cases make both hidden and weight require grad.
 
+Findings of cebench's conformance matrix and run checks on liger-kernel 0.8.5 (CPU, interpreter;
+reports/conformance/ has the table): a frozen-feature head gets no weight gradient (above); a second
+backward with retain_graph=True silently gives another gradient (liger rel 7e-2, liger_linear 2e-2:
+the stored gradient is scaled in place) instead of refusing; `liger` writes its gradient over the
+logits in an evaluation call (no_grad), which breaks eval loops that reuse the logits; every target
+ignored gives loss 0 instead of PyTorch's NaN; an empty batch (N=0) raises in both.
+
 On a machine without CUDA the kernels run in the Triton interpreter (TRITON_INTERPRET=1,
 set by the CLI and tests/conftest.py); Liger's device detection then says "cpu" and the
 kernels run as written. The library is imported on first use, not when this file loads:

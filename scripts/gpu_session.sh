@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# One call on a lent GPU machine (the device tool): everything a short slot should do, in order, with every
+# result written under $OUT as it comes and packed into ONE archive at the end (only 8 files come back).
+#
+#   bash scripts/gpu_session.sh first    # peers + smoke on CUDA + gpu-headline (ours, torch, compile, Liger, CCE)
+#   bash scripts/gpu_session.sh second   # QuACK and Megatron cells of gpu-headline (carry the quack wheels)
+#   BUDGET_S=300 bash scripts/gpu_session.sh first   # seconds the headline may run before it is stopped
+# Device call: run(command="bash scripts/gpu_session.sh first", carry=[".whl"], timeout_s=580)
+#
+# Prepare here: scripts/wheelhouse.sh .whl first (and `quack` for the second call); carry [".whl"].
+# The run directory comes back inside results.tar.xz (runs/<run id>); a headline cut off by the budget is finished later with
+# `python -m cebench run --resume <run dir>` (rows are written as they are measured, nothing is lost).
+set -uo pipefail
+STAGE=${1:-first}
+OUT=${OUT:-/tmp/cebench-out}  # what comes back: results.tar.xz and session.log only (8 files at most)
+W=/tmp/cebench-work            # runs and logs are written here as they come, then packed into $OUT
+BUDGET_S=${BUDGET_S:-330}  # with install (~30 s) and smoke (<=150 s): the call fits timeout_s=580
+SITE=/tmp/site
+mkdir -p "$OUT" "$W/runs" "$W/logs"
+export PYTHONUNBUFFERED=1
+log() { echo "[$(date +%T)] $*" | tee -a "$W/logs/session.log"; }
+pack() { tar cJf "$OUT/results.tar.xz.tmp" -C "$W" runs logs && mv "$OUT/results.tar.xz.tmp" "$OUT/results.tar.xz"
+         cp "$W/logs/session.log" "$OUT/"; }  # also during the run: a call cut off still brings back what it had
+
+log "install carried wheels"
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" .whl/*.whl \
+  >> "$W/logs/install.log" 2>&1 || log "pip install failed (see install.log)"
+[ -f .whl/cutlass-libs-cu13.tar.xz ] && tar xJf .whl/cutlass-libs-cu13.tar.xz -C "$SITE"
+export PYTHONPATH="$PWD:$SITE"  # cebench runs from the checkout; torch and the rest come with the image
+{ nvidia-smi; python3 -c "import torch, triton; print(torch.__version__, torch.version.cuda, triton.__version__)"; } \
+  > "$W/logs/machine.txt" 2>&1
+python3 -m cebench list > "$W/logs/list.txt" 2>&1
+
+if [[ $STAGE == first ]]; then
+  log "smoke on CUDA"
+  timeout 150 python3 -m cebench run --suite smoke --device cuda --out "$W/runs" --no-report \
+    > "$W/logs/smoke.log" 2>&1; log "smoke exit $?"; pack
+  IMPLS=triton_fused,triton_fused_linear,torch,linear_torch,torch_compile,liger,liger_linear,cce,torch_linear,chunked,linear_chunked
+else
+  IMPLS=quack,quack_linear
+fi
+
+log "gpu-headline ($IMPLS), budget ${BUDGET_S}s"
+python3 -m cebench run --suite gpu-headline --impl "$IMPLS" --out "$W/runs" --no-report \
+  > "$W/logs/headline.log" 2>&1 &
+PID=$!
+for ((i = 0; i < BUDGET_S; i += 5)); do
+  kill -0 $PID 2>/dev/null || break; sleep 5; (( i % 60 == 55 )) && pack
+done
+if kill -0 $PID 2>/dev/null; then
+  log "budget spent: stopping the headline (resume it later)"; kill -TERM $PID; sleep 5; kill -KILL $PID 2>/dev/null
+fi
+wait $PID 2>/dev/null; log "headline exit $?"
+
+log "pack"; pack
+ls -la "$OUT"
