@@ -24,7 +24,8 @@ A cell is
   n/a          the scenario does not apply to the family
 Inputs are validated before every call except in the bad-target scenarios, which call the
 implementation directly. `conformance` exits 1 on differs and error only. The result is a
-Markdown table per family (scenarios as rows) plus a tidy CSV, written to reports/conformance/.
+Markdown table per family (scenarios as rows) plus a tidy CSV and the versions it ran with
+(versions.json), written to reports/conformance/.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import datetime as dt
+import json
 import math
 import re
 import tempfile
@@ -46,6 +48,7 @@ from cebench.conformance_scenarios import BAD_ROW, BY_NAME, FAMILIES, SCENARIOS,
 from cebench.isolate import Worker, WorkerDied, source_file
 from cebench.reference import compare, reference
 from cebench.registry import Impl
+from cebench.results import environment
 from cebench.runner import MUTATION_LIE, _describe, mutated_inputs
 from cebench.validate import check_inputs
 
@@ -330,4 +333,6 @@ def write(rows: list[dict], device: str, out: Path | None = None) -> Path:
         writer.writerows(rows)
     path = folder / "conformance.md"
     path.write_text(markdown(rows, device))
+    # the versions a report matches a run against before trusting this table (cebench/report_trust.py)
+    (folder / "versions.json").write_text(json.dumps(environment(device, "conformance", ""), indent=2) + "\n")
     return path
