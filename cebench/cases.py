@@ -4,7 +4,8 @@ A case is family × N × V (× H) × dtype × options; modes are measured per ca
 are generated deterministically from the case and a seed, directly on the target
 device, in the requested dtype, at a realistic logit scale: real LM heads produce
 logits with a standard deviation of a few units, never zeros (zeros would hide bugs
-in max-subtraction and in the gradient).
+in max-subtraction and in the gradient). That is the "gaussian" distribution; "lm",
+"confident" and "unlikely" are peaked like a trained head (cebench.distributions).
 """
 
 from __future__ import annotations
@@ -14,11 +15,13 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from cebench.distributions import MIN_PEAKED_H, PEAKED, peaked_linear, peaked_logits, zipf_targets
+
 MODES = ("forward", "backward", "forward+backward", "eval")
 AUTOCAST = "autocast-"  # dtype policy prefix: float32 inputs, the call under torch.autocast(dtype=...)
 DTYPES = ("float32", "bfloat16", "float16", "autocast-bfloat16", "autocast-float16")
 IGNORE_INDEX = -100
-DISTRIBUTIONS = ("gaussian", "lm")
+DISTRIBUTIONS = ("gaussian", *PEAKED)  # PEAKED: "lm", "confident", "unlikely" (cebench.distributions)
 LOGIT_STD = 2.0  # typical spread of trained LM logits; large enough to exercise the max shift
 
 
@@ -36,7 +39,9 @@ class Case:
     softcap: float | None = None
     seed: int = 0
     world_size: int | None = None  # vocab-parallel families: ranks the vocabulary is sharded over (None: --nproc)
-    distribution: str = "gaussian"  # the inputs: "gaussian" logits (std LOGIT_STD) or "lm" (peaked like a trained head)
+    # the inputs: "gaussian" logits (std LOGIT_STD), "lm" (peaked like a trained head, mean loss 2.5 nats),
+    # "confident" (target p close to 1) or "unlikely" (close to 0); see cebench.distributions
+    distribution: str = "gaussian"
     model: str | None = None  # the model preset(s) this head is (a label for the report; V and H are the shape)
 
     def __post_init__(self):
@@ -115,6 +120,9 @@ def validate_case(case: Case) -> None:
         raise CaseError(f"world_size must be a positive integer (vocab_parallel families only), got {case.world_size!r}")
     if case.distribution not in DISTRIBUTIONS:
         raise CaseError(f"distribution must be one of {', '.join(DISTRIBUTIONS)}, got {case.distribution!r}")
+    if case.distribution in PEAKED and case.family.endswith("linear") and case.H is not None and case.H < MIN_PEAKED_H:
+        raise CaseError(f"distribution {case.distribution!r} for the linear family needs H >= {MIN_PEAKED_H} (below, other "
+                        f"tokens' weights outweigh the target's and the drawn losses are out of reach), got H={case.H}")
     if case.softcap is not None and case.softcap <= 0:
         raise CaseError(f"softcap must be positive or absent, got {case.softcap!r}")
 
@@ -128,7 +136,10 @@ def _generator(case: Case, device: str, salt: str) -> torch.Generator:
 
 def make_targets(case: Case, device: str) -> torch.Tensor:
     gen = _generator(case, device, "targets")
-    targets = torch.randint(0, case.V, (case.N,), generator=gen, device=device, dtype=torch.int64)
+    if case.distribution in PEAKED:  # frequent tokens are frequent targets
+        targets = zipf_targets(case.N, case.V, gen, device)
+    else:
+        targets = torch.randint(0, case.V, (case.N,), generator=gen, device=device, dtype=torch.int64)
     if case.ignore_frac > 0:
         ignored = torch.rand(case.N, generator=gen, device=device) < case.ignore_frac
         targets[ignored] = IGNORE_INDEX
@@ -139,6 +150,12 @@ def make_inputs(case: Case, device: str) -> dict[str, torch.Tensor]:
     """Fresh inputs for `case` on `device`: the same values every time for the same case."""
     gen = _generator(case, device, "inputs")
     dtype = case.torch_dtype
+    if case.distribution in PEAKED:
+        targets = make_targets(case, device)
+        if case.family.endswith("linear"):
+            hidden, weight = peaked_linear(case.distribution, targets, case.V, case.H, dtype, gen, device)
+            return {"hidden": hidden, "weight": weight, "targets": targets}
+        return {"logits": peaked_logits(case.distribution, targets, case.V, dtype, gen, device), "targets": targets}
     if case.family.endswith("linear"):
         hidden = torch.randn(case.N, case.H, generator=gen, device=device, dtype=torch.float32)
         # scale the weight so that hidden @ weight.T has std LOGIT_STD

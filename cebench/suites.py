@@ -17,6 +17,8 @@
     modes = ["forward", "backward", "forward+backward", "eval"]   # eval: loss only, under no_grad
     impls = ["torch", ...]     # optional: restrict this grid to these implementations
     world_size = [1, 2]        # vocab_parallel families: ranks to shard V over (default: --nproc)
+    distribution = ["gaussian", "lm"]   # the inputs (cebench.cases, cebench.distributions): "gaussian"
+                               # (default), "lm" (peaked, 2.5 nats), "confident" (target p ~ 1), "unlikely" (p ~ 0)
 
 Every error names the file, the key and the form expected.
 """
@@ -29,7 +31,7 @@ import tomllib
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-from cebench.cases import MODES, Case, CaseError
+from cebench.cases import DISTRIBUTIONS, MODES, Case, CaseError
 from cebench.measure import TimingPlan
 
 UPSTREAM_GRADS = ("ones", "random")
@@ -54,6 +56,7 @@ _GRID_KEYS = {
     "impls": (str, "a list of implementation names"),
     "seed": (int, "a list of integers"),
     "world_size": (int, "a list of positive integers (vocab_parallel families only; default: --nproc)"),
+    "distribution": (str, f"a list of {', '.join(repr(d) for d in DISTRIBUTIONS)}"),
 }
 _FAMILIES = ("logits", "linear", "vocab_parallel", "vocab_parallel_linear")
 _SCALAR_KEYS = {"family": (str, " or ".join(f'"{f}"' for f in _FAMILIES))}
@@ -198,7 +201,7 @@ def _expand(path: Path, where: str, family: str, values: dict) -> list[Case]:
         "dtype": values.get("dtype", ["float32"]), "reduction": values.get("reduction", ["mean"]),
         "ignore_frac": values.get("ignore_frac", [0.0]), "label_smoothing": values.get("label_smoothing", [0.0]),
         "z_loss": values.get("z_loss", [0.0]), "softcap": values.get("softcap", [None]), "seed": values.get("seed", [0]),
-        "world_size": values.get("world_size", [None]),
+        "world_size": values.get("world_size", [None]), "distribution": values.get("distribution", ["gaussian"]),
     }
     cases = []
     for combo in itertools.product(*axes.values()):
