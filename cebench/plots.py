@@ -22,7 +22,8 @@ import pandas as pd  # noqa: E402
 from cebench import memory_model  # noqa: E402
 from cebench.report_data import BASELINE, modes_of, speedups, trusted  # noqa: E402
 
-SERIES_KEYS = ("dtype", "N", "V", "H", "world_size", "reduction", "ignore_frac", "label_smoothing", "z_loss", "softcap")
+SERIES_KEYS = ("dtype", "distribution", "N", "V", "H", "world_size", "reduction", "ignore_frac", "label_smoothing", "z_loss",
+               "softcap")
 DPI = 80
 STYLES = (("-", "o"), ("--", "s"), (":", "^"), ("-.", "D"))  # lines of the same implementation, told apart
 PANEL = (3.4, 3.0)  # inches per mode panel

@@ -1,15 +1,16 @@
 """Reports of a run: reports/<run-id>/report.md, report.html and figures, and reports/index.html.
 
 Everything shown is read back from the run's results.csv and env.json, so every figure traces to
-a row. The content is computed in cebench/report_data.py, the figures in cebench/plots.py; this
-module only decides where the files go and writes them.
+a row. The content is computed in cebench/report_data.py (tables), report_accuracy.py,
+report_verdicts.py and report_trust.py (who may be recommended), the figures in cebench/plots.py;
+this module only decides where the files go and writes them.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from cebench import plots, plots_tp, probe, report_data
+from cebench import plots, plots_tp, probe, report_data, report_trust
 from cebench.report_html import html, write_index, write_summary
 from cebench.report_md import markdown
 
@@ -28,10 +29,18 @@ def default_reports_dir(run_dir: str | Path) -> Path:
     return REPORTS_DIR if run_dir.parent == RESULTS_DIR.resolve() else run_dir.parent / "reports"
 
 
-def write_reports(run_dir: str | Path, reports_dir: str | Path | None = None) -> dict[str, Path]:
-    """Write the Markdown and HTML reports of `run_dir` and refresh the index; the paths written."""
-    run = report_data.load(run_dir)
+def conformance_dirs(reports_dir: Path) -> list[Path]:
+    """Where stored conformance tables are looked for: beside the reports, then the repository's."""
+    return list(dict.fromkeys([Path(reports_dir) / "conformance", report_trust.CONFORMANCE_DIR]))
+
+
+def write_reports(run_dir: str | Path, reports_dir: str | Path | None = None,
+                  conformance: list | None = None) -> dict[str, Path]:
+    """Write the Markdown and HTML reports of `run_dir` and refresh the index; the paths written.
+
+    `conformance`: folders holding stored conformance tables (default: conformance_dirs)."""
     reports_dir = Path(reports_dir) if reports_dir else default_reports_dir(run_dir)
+    run = report_data.load(run_dir, conformance if conformance is not None else conformance_dirs(reports_dir))
     out_dir = reports_dir / run.run_id
     figure_dir = out_dir / FIGURES
     figure_dir.mkdir(parents=True, exist_ok=True)

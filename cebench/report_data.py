@@ -1,11 +1,13 @@
 """What a report says, computed once from a run's results.csv and env.json, for every output format.
 
-The Markdown and HTML writers only lay out what this module returns: verdicts (fastest and
-leanest correct implementation per case and mode), recommendations per shape range, and the
-tables (time, peak memory and its ratio to the floor, speedup against the PyTorch builtin,
-numerical agreement). Every cell keeps the results.csv line it came from, so a reader can trace
-each figure back to a row. Only rows that are `ok` and `trusted` (the implementation agreed with
-the float64 reference, and the timing is not from the Triton interpreter) can win or be ranked.
+The Markdown and HTML writers only lay out what this module and its neighbours return: the
+tables here (time, peak memory and its ratio to the floor, speedup against the PyTorch builtin),
+the accuracy table (cebench/report_accuracy.py), the verdicts (cebench/report_verdicts.py) and
+who may be recommended (cebench/report_trust.py). Every cell keeps the results.csv line it came
+from, so a reader can trace each figure back to a row. Only rows that are `ok` and `trusted` (the
+implementation agreed with the float64 reference, and the timing is not from the Triton
+interpreter) can win or be ranked. Runs written before a column existed (eval mode,
+grad_in_forward, upstream_grad, distribution, model, accuracy rows) render without it.
 """
 
 from __future__ import annotations
@@ -16,13 +18,19 @@ from pathlib import Path
 
 import pandas as pd
 
-from cebench import memory_model
+from cebench import memory_model, report_trust
 from cebench.results import read_env, read_results
 
-MODE_ORDER = ("forward", "backward", "forward+backward")
+TRAIN_MODES = ("forward", "backward", "forward+backward")
+MODE_ORDER = (*TRAIN_MODES, "eval")
+MODE_LABEL = {"eval": "eval (loss only)"}
 BASELINE = {"logits": "torch", "linear": "linear_torch"}  # the PyTorch builtin of each family
 V_RANGES = ((0, 32768, "V < 32K"), (32768, 131072, "32K ≤ V < 128K"), (131072, math.inf, "V ≥ 128K"))
 N_RANGES = ((0, 4096, "N < 4K"), (4096, 16384, "4K ≤ N < 16K"), (16384, math.inf, "N ≥ 16K"))
+LATER_COLUMNS = ("grad_in_forward", "upstream_grad", "distribution", "model")  # absent from older runs
+FWD_GRAD = "fwd+grad"  # marks a forward time that holds the gradient too
+NOISY = "noisy"
+EXCLUDED = "⊘"  # marks an implementation no verdict of this family and dtype may name
 
 
 @dataclass
@@ -51,18 +59,32 @@ class Run:
     run_dir: Path
     frame: pd.DataFrame
     env: dict
+    conformance_dirs: list | None = None  # where stored conformance tables are looked for (None: reports/conformance)
+    _trust: report_trust.Trust | None = None
 
     @property
     def families(self) -> list[str]:
         return list(dict.fromkeys(self.frame["family"]))
 
+    @property
+    def trust(self) -> report_trust.Trust:
+        """Who may be recommended (read on first use: cebench.compare loads runs without needing it)."""
+        if self._trust is None:
+            self._trust = report_trust.build(self.frame, self.env, self.run_dir, self.conformance_dirs)
+        return self._trust
 
-def load(run_dir: str | Path) -> Run:
+
+def load(run_dir: str | Path, conformance_dirs=None) -> Run:
     run_dir = Path(run_dir)
     frame = read_results(run_dir)
     frame["line"] = frame.index + 2  # results.csv line number: the header is line 1
     frame["trusted"] = frame["trusted"].astype(str).eq("True")
-    return Run(run_dir.name, run_dir, frame, read_env(run_dir))
+    for column in LATER_COLUMNS:
+        if column not in frame:
+            frame[column] = math.nan
+    for column in ("case", "impl", "family", "mode", "metric", "status", "dtype", "reduction"):
+        frame[column] = frame[column].fillna("").astype(str)  # text whatever a damaged row holds
+    return Run(run_dir.name, run_dir, frame, read_env(run_dir), conformance_dirs)
 
 
 def trusted(frame: pd.DataFrame, metric: str) -> pd.DataFrame:
@@ -75,85 +97,72 @@ def short_case(case: str, family: str) -> str:
     return case[len(family) + 1:] if case.startswith(family + " ") else case
 
 
+def _text(value) -> str | None:
+    """A text cell's value, or None for an empty one (pandas reads those as nan)."""
+    return value if isinstance(value, str) and value else None
+
+
+def case_label(case: str, family: str, model=None, distribution=None) -> str:
+    """A case as the report shows it: the model preset right after its (V, H), the distribution where asked."""
+    tokens = short_case(case, family).split(" ")
+    named = [t[len("model="):] for t in tokens if t.startswith("model=")]
+    tokens = [t for t in tokens if not t.startswith("model=")]
+    name = named[0] if named else _text(model)
+    if name:
+        at = max((i for i, t in enumerate(tokens) if t.startswith(("V=", "H="))), default=len(tokens) - 1)
+        tokens.insert(at + 1, f"({name})")
+    if distribution and not any(t.startswith("dist=") for t in tokens):
+        tokens.append(f"dist={distribution}")
+    return " ".join(tokens)
+
+
+def label_of(frame: pd.DataFrame) -> dict[str, str]:
+    """case id -> its label; the distribution is spelled out when the run has more than one."""
+    first = frame.drop_duplicates("case")
+    varies = first["distribution"].map(_text).dropna().nunique() > 1 if "distribution" in first else False
+    return {r["case"]: case_label(r["case"], r["family"], r.get("model"), _text(r.get("distribution")) if varies else None)
+            for r in first.to_dict("records")}
+
+
 def modes_of(frame: pd.DataFrame) -> list[str]:
     present = set(frame["mode"])
     return [m for m in MODE_ORDER if m in present]
 
 
+def flag(value) -> bool:
+    """A boolean column's cell as written ("True"), read back by pandas (True) or missing (nan)."""
+    return value is True or str(value).strip().lower() in ("true", "1", "1.0")
+
+
+def upstream_note(frame: pd.DataFrame) -> str:
+    """Which upstream gradient the timed backward got, in a sentence."""
+    rows = frame[(frame["metric"] == "time") & frame["mode"].isin(["backward", "forward+backward"])]
+    kinds = sorted({v for v in rows["upstream_grad"].map(_text) if v}) if "upstream_grad" in rows else []
+    if not kinds:
+        return "Upstream gradient of the timed backward: not recorded in this run."
+    said = {"ones": "ones (what `loss.backward()` gives a mean loss in training)",
+            "random": "random (the agreement check's, not what training gives)"}
+    return "Upstream gradient of the timed backward: " + "; ".join(said.get(k, k) for k in kinds) + "."
+
+
+def fwd_grad_impls(frame: pd.DataFrame) -> list[str]:
+    """Implementations whose timed training forward also computed the gradient, in some case."""
+    rows = frame[(frame["metric"] == "time") & (frame["mode"] == "forward") & (frame["status"] == "ok")]
+    return list(dict.fromkeys(rows[rows["grad_in_forward"].map(flag)]["impl"]))
+
+
 def _range(value: float, ranges) -> str:
-    return next(label for low, high, label in ranges if low <= value < high)
-
-
-# ---------------------------------------------------------------- verdicts
-
-
-def verdicts(frame: pd.DataFrame) -> list[dict]:
-    """Per case and mode: the fastest and the leanest correct implementation (None where none is trusted)."""
-    out = []
-    times, mems = trusted(frame, "time"), trusted(frame, "peak_memory")
-    for case, group in frame.groupby("case", sort=False):
-        for mode in modes_of(group):
-            t = times[(times["case"] == case) & (times["mode"] == mode)].sort_values("value")
-            m = mems[(mems["case"] == case) & (mems["mode"] == mode)].sort_values("value")
-            out.append({"case": case, "family": group["family"].iloc[0], "mode": mode,
-                        "fastest": _pick(t), "leanest": _pick(m)})
-    return out
-
-
-def _pick(rows: pd.DataFrame) -> dict | None:
-    if rows.empty:
-        return None
-    best = rows.iloc[0]
-    return {"impl": best["impl"], "value": float(best["value"]), "line": int(best["line"])}
-
-
-def recommendations(frame: pd.DataFrame) -> list[dict]:
-    """Per family, dtype and shape range: the implementation to use for training (forward+backward).
-
-    The pick minimises the geometric mean, over the range's cases, of time ÷ the best trusted
-    time in that case; only implementations with a trusted timing in every case of the range
-    compete. The leanest is chosen the same way on peak memory.
-    """
-    times, mems = trusted(frame, "time"), trusted(frame, "peak_memory")
-    out = []
-    keys = frame[["family", "dtype", "N", "V", "case"]].drop_duplicates()
-    keys = keys.assign(v_range=keys["V"].map(lambda v: _range(v, V_RANGES)),
-                       n_range=keys["N"].map(lambda n: _range(n, N_RANGES)))
-    for (family, dtype, v_range, n_range), group in keys.groupby(["family", "dtype", "v_range", "n_range"], sort=False):
-        cases = list(group["case"])
-        mode = next((m for m in ("forward+backward", "forward", "backward") if m in set(frame["mode"])), None)
-        fast = _geo_best(times[(times["mode"] == mode) & times["case"].isin(cases)], cases)
-        lean = _geo_best(mems[(mems["mode"] == mode) & mems["case"].isin(cases)], cases)
-        out.append({"family": family, "dtype": dtype, "v_range": v_range, "n_range": n_range, "mode": mode,
-                    "cases": len(cases), "fastest": fast, "leanest": lean})
-    return out
-
-
-def _geo_best(rows: pd.DataFrame, cases: list[str]) -> dict | None:
-    if rows.empty:
-        return None
-    best = rows.groupby("case")["value"].min()
-    scores = {}
-    for impl, group in rows.groupby("impl"):
-        if set(group["case"]) != set(cases):
-            continue
-        ratios = [max(v, 1e-12) / max(best[c], 1e-12) for c, v in zip(group["case"], group["value"], strict=True)]
-        wins = sum(r <= 1.0 for r in ratios)
-        scores[impl] = (math.exp(sum(math.log(r) for r in ratios) / len(ratios)), wins)
-    if not scores:
-        return None
-    impl = min(scores, key=lambda k: scores[k][0])
-    return {"impl": impl, "geomean_ratio": scores[impl][0], "wins": scores[impl][1], "cases": len(cases)}
+    return next((label for low, high, label in ranges if low <= value < high), "V or N unknown")
 
 
 # ---------------------------------------------------------------- tables
 
 
-def _lookup(frame: pd.DataFrame) -> dict:
+def lookup(frame: pd.DataFrame) -> dict:
     return {(r["case"], r["impl"], r["mode"], r["metric"]): r for r in frame.to_dict("records")}
 
 
-class _Notes:
+class Notes:
     """Footnotes that carry the reasons of non-ok cells; the same reason gets the same number."""
 
     def __init__(self):
@@ -176,51 +185,78 @@ def _ratio(ratio: float) -> str:
     return f"{ratio:.0f}×" if ratio >= 10 else f"{ratio:.2g}×"
 
 
-def _time_cell(row: dict | None, notes: _Notes) -> Cell:
+def _time_cell(row: dict | None, notes: Notes) -> Cell:
     if row is None:
         return Cell("—", "absent")
     if row["status"] != "ok":
         return notes.cell(row)
     text = f"{_fmt(row['value'])} [{_fmt(row['p20'])}, {_fmt(row['p80'])}]"
+    if row["mode"] == "forward" and flag(row.get("grad_in_forward")):
+        text += f" {FWD_GRAD}"
+    if report_trust.noisy(row):
+        text += f" {NOISY}"
     if not row["trusted"]:
         return Cell(text + " ⚠", "untrusted", str(row.get("reason") or "untrusted"), int(row["line"]))
-    return Cell(text, line=int(row["line"]))
+    return Cell(text, "noisy" if report_trust.noisy(row) else "ok", line=int(row["line"]))
 
 
-def _case_rows(frame: pd.DataFrame, family: str):
+def case_rows(frame: pd.DataFrame, family: str):
     sub = frame[frame["family"] == family]
     for case, group in sub.groupby("case", sort=False):
         for impl in dict.fromkeys(group["impl"]):
             yield case, impl
 
 
-def time_table(frame: pd.DataFrame, family: str) -> Table:
-    rows, notes, modes = _lookup(frame), _Notes(), modes_of(frame[frame["family"] == family])
+def _impl_cell(impl: str, family: str, dtype: str, trust: report_trust.Trust | None) -> Cell:
+    if trust is None or trust.allowed(impl, family, dtype):
+        return Cell(impl)
+    why = " | ".join(" ".join(r) for i, r in trust.reasons(family, dtype) if i == impl)
+    return Cell(f"{impl} {EXCLUDED}", "excluded", why)
+
+
+def time_table(frame: pd.DataFrame, family: str, trust: report_trust.Trust | None = None) -> Table:
+    rows, notes, modes = lookup(frame), Notes(), modes_of(frame[frame["family"] == family])
+    labels, dtypes = label_of(frame), dict(zip(frame["case"], frame["dtype"], strict=True))
     body = []
-    for case, impl in _case_rows(frame, family):
-        body.append([Cell(short_case(case, family)), Cell(impl)] +
+    for case, impl in case_rows(frame, family):
+        body.append([Cell(labels[case]), _impl_cell(impl, family, dtypes[case], trust)] +
                     [_time_cell(rows.get((case, impl, m, "time")), notes) for m in modes])
-    return Table("Time (ms, median [p20, p80])", ["case", "implementation", *modes], body, notes.texts,
-                 "⚠ marks a timing that is not trusted (disagreement, or the Triton interpreter); it is never ranked.")
+    caption = (f"⚠ marks a timing that is not trusted (disagreement, or the Triton interpreter); it is never ranked. "
+               f"{FWD_GRAD}: this implementation's training forward also computes the gradient, so its forward "
+               f"holds most of the work and its backward little; compare forward+backward, or eval (the loss "
+               f"alone, under torch.no_grad(): the fair forward comparison). {NOISY}: p80/p20 > "
+               f"{report_trust.NOISE_SPREAD:g}. {EXCLUDED}: never recommended for this family and dtype (see the "
+               f"verdict). {upstream_note(frame)}")
+    return Table("Time (ms, median [p20, p80])", ["case", "implementation", *[MODE_LABEL.get(m, m) for m in modes]],
+                 body, notes.texts, caption)
 
 
 def memory_table(frame: pd.DataFrame, family: str) -> Table:
-    rows, notes, modes = _lookup(frame), _Notes(), modes_of(frame[frame["family"] == family])
+    rows, notes, modes = lookup(frame), Notes(), modes_of(frame[frame["family"] == family])
+    labels = label_of(frame)
     body = []
-    for case, impl in _case_rows(frame, family):
-        cells = [Cell(short_case(case, family)), Cell(impl)]
+    for case, impl in case_rows(frame, family):
+        cells = [Cell(labels[case]), Cell(impl)]
         for mode in modes:
             mem, time = rows.get((case, impl, mode, "peak_memory")), rows.get((case, impl, mode, "time"))
             if mem is None:
                 cells.append(notes.cell(time) if time is not None and time["status"] != "ok" else Cell("—", "absent"))
                 continue
-            ratio = memory_model.memory_ratio(mem["value"], memory_model.floor_for_row(mem))
+            ratio = _floor_ratio(mem)
             text = f"{_fmt(mem['value'])} ({_ratio(ratio)} floor)" if ratio is not None else _fmt(mem["value"])
             cells.append(Cell(text, "ok" if mem["trusted"] else "untrusted", "", int(mem["line"])))
         body.append(cells)
     return Table("Peak memory (MiB above the inputs, and ÷ the floor of the memory model)",
-                 ["case", "implementation", *modes], body, notes.texts,
-                 "The floor is the least extra memory any implementation needs (see the memory model).")
+                 ["case", "implementation", *[MODE_LABEL.get(m, m) for m in modes]], body, notes.texts,
+                 "The floor is the least extra memory any implementation needs (see the memory model); eval's floor "
+                 "is the forward's: one float32 per row, no gradient.")
+
+
+def _floor_ratio(row: dict) -> float | None:
+    try:
+        return memory_model.memory_ratio(row["value"], memory_model.floor_for_row(row))
+    except (KeyError, TypeError, ValueError, OverflowError):  # a mode or shape this model does not know
+        return None
 
 
 def speedups(frame: pd.DataFrame) -> pd.DataFrame:
@@ -234,61 +270,28 @@ def speedups(frame: pd.DataFrame) -> pd.DataFrame:
 
 def speedup_table(frame: pd.DataFrame, family: str) -> Table:
     modes = modes_of(frame[frame["family"] == family])
-    lookup = {(r["case"], r["impl"], r["mode"]): r for r in speedups(frame).to_dict("records")}
+    found = {(r["case"], r["impl"], r["mode"]): r for r in speedups(frame).to_dict("records")}
+    labels = label_of(frame)
     body = []
-    for case, impl in _case_rows(frame, family):
-        cells = [Cell(short_case(case, family)), Cell(impl)]
+    for case, impl in case_rows(frame, family):
+        cells = [Cell(labels[case]), Cell(impl)]
         for mode in modes:
-            row = lookup.get((case, impl, mode))
+            row = found.get((case, impl, mode))
             if row is None or not row["speedup"] == row["speedup"]:
                 cells.append(Cell("—", "absent"))
             else:
                 cells.append(Cell(f"{row['speedup']:.2f}×", line=int(row["line"])))
         body.append(cells)
     return Table(f"Speedup against the PyTorch builtin (`{BASELINE.get(family, '?')}` median ÷ median)",
-                 ["case", "implementation", *modes], body, [],
+                 ["case", "implementation", *[MODE_LABEL.get(m, m) for m in modes]], body, [],
                  "Above 1× is faster than the builtin; — where either timing is missing or untrusted.")
 
 
-def agreement_table(frame: pd.DataFrame, family: str) -> Table:
-    rows, notes = _lookup(frame), _Notes()
-    sub = frame[(frame["family"] == family) & (frame["mode"] == "check")]
-    quantities = list(dict.fromkeys(m[len("rel_err["):-1] for m in sub["metric"] if m.startswith("rel_err[")))
-    body = []
-    for case, impl in _case_rows(frame, family):
-        verdict = rows.get((case, impl, "check", "agreement"))
-        if verdict is None:
-            cell = Cell("—", "absent")
-        elif verdict["status"] == "ok":
-            cell = Cell("pass", "pass", str(verdict["reason"]), int(verdict["line"]))
-        elif "DISAGREES" in str(verdict["reason"]):
-            cell = notes.cell(verdict)
-            cell.text, cell.status = "FAIL", "fail"
-        else:
-            cell = notes.cell(verdict)
-        cells = [Cell(short_case(case, family)), Cell(impl), cell]
-        for q in quantities:
-            rel, ab = rows.get((case, impl, "check", f"rel_err[{q}]")), rows.get((case, impl, "check", f"max_abs_err[{q}]"))
-            if rel is None:
-                cells.append(Cell("—", "absent"))
-            else:
-                text = f"{rel['value']:.1e} / {ab['value']:.1e}" if ab is not None else f"{rel['value']:.1e}"
-                cells.append(Cell(text, line=int(rel["line"])))
-        mut = rows.get((case, impl, "check", "mutates_input"))
-        if mut is None:
-            cells.append(Cell("—", "absent"))
-        else:
-            cells.append(Cell("yes" if mut["value"] else "no", line=int(mut["line"])))
-        body.append(cells)
-    columns = ["case", "implementation", "agreement", *[f"{q}: rel / max abs err" for q in quantities], "mutates inputs"]
-    return Table("Numerical agreement with the float64 reference", columns, body, notes.texts,
-                 "Relative error is measured against the float64 analytic reference; tolerances per dtype live in "
-                 "cebench/reference.py.")
+def family_tables(frame: pd.DataFrame, family: str, trust: report_trust.Trust | None = None) -> list[Table]:
+    from cebench.report_accuracy import accuracy_table  # it builds on this module's cells
 
-
-def family_tables(frame: pd.DataFrame, family: str) -> list[Table]:
-    return [time_table(frame, family), memory_table(frame, family), speedup_table(frame, family),
-            agreement_table(frame, family)]
+    return [time_table(frame, family, trust), memory_table(frame, family), speedup_table(frame, family),
+            accuracy_table(frame, family)]
 
 
 def problems(frame: pd.DataFrame) -> list[dict]:

@@ -14,8 +14,9 @@ from pathlib import Path
 
 import jinja2
 
-from cebench import probe
-from cebench.report_data import Run, family_tables, problems, provenance, recommendations, verdicts
+from cebench import probe, report_trust
+from cebench.report_data import MODE_LABEL, Run, family_tables, fwd_grad_impls, problems, provenance, upstream_note
+from cebench.report_verdicts import exclusions, recommendations, unchecked, verdicts
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
 SUMMARY = "summary.json"  # per report directory: what the index lists
@@ -32,12 +33,19 @@ def _figure(fig) -> dict:
 
 
 def html(run: Run, figures: dict[str, list]) -> str:
-    families = [{"name": f, "tables": family_tables(run.frame, f), "figures": [_figure(x) for x in figures.get(f, [])]}
-                for f in run.families]
+    trust = run.trust
+    families = [{"name": f, "tables": family_tables(run.frame, f, trust),
+                 "figures": [_figure(x) for x in figures.get(f, [])]} for f in run.families]
+    recs = recommendations(run.frame, trust)
     return _environment().get_template("report.html.j2").render(
-        run=run, problems=problems(run.frame), recommendations=recommendations(run.frame),
-        verdicts=verdicts(run.frame), provenance=provenance(run.env), families=families,
-        roofline=probe.roofline(run.env))
+        run=run, problems=problems(run.frame), recommendations=recs, verdicts=verdicts(run.frame, trust),
+        provenance=provenance(run.env), families=families, roofline=probe.roofline(run.env), trust=trust,
+        exclusions=exclusions(run.frame, trust), unchecked=unchecked(run.frame, trust),
+        upstream=upstream_note(run.frame).replace("`", ""), fwd_grad=fwd_grad_impls(run.frame),
+        noise_spread=report_trust.NOISE_SPREAD, mode_label=MODE_LABEL,
+        show_dist=len({r["distribution"] for r in recs}) > 1 or any(r["distribution"] not in ("", "gaussian")
+                                                                    for r in recs),
+        show_models=any(r["models"] for r in recs), show_eval=any(r["eval"] is not None for r in recs))
 
 
 def summary(run: Run) -> dict:

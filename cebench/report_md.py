@@ -6,8 +6,21 @@ It lays out what cebench/report_data.py computed; figures are PNG files written 
 
 from __future__ import annotations
 
-from cebench import probe
-from cebench.report_data import Cell, Run, Table, family_tables, problems, provenance, recommendations, verdicts
+from cebench import probe, report_trust
+from cebench.report_data import (
+    FWD_GRAD,
+    MODE_LABEL,
+    NOISY,
+    Cell,
+    Run,
+    Table,
+    family_tables,
+    fwd_grad_impls,
+    problems,
+    provenance,
+    upstream_note,
+)
+from cebench.report_verdicts import exclusions, recommendations, unchecked, verdicts
 
 
 def _escape(text: str) -> str:
@@ -16,7 +29,7 @@ def _escape(text: str) -> str:
 
 def _cell(cell: Cell) -> str:
     text = _escape(cell.text)
-    if cell.status in ("ok", "absent", "pass"):
+    if cell.status in ("ok", "absent", "pass", "noisy", "loose", "excluded"):
         return text
     if cell.status == "fail":
         text = f"**{text}**"
@@ -34,30 +47,105 @@ def table(tab: Table, level: str = "####") -> list[str]:
     return lines
 
 
-def _pick(entry: dict | None, unit: str, key: str = "value") -> str:
+def _loose(pick: dict) -> str:
+    return f", loose: accuracy {pick['loose']:.3g}×" if pick.get("loose") is not None else ""
+
+
+def _pick(entry: dict | None, unit: str) -> str:
     if entry is None:
         return "none trusted"
-    return f"`{entry['impl']}` ({entry[key]:.3f} {unit}, row {entry['line']})"
+    text = f"`{entry['impl']}` ({entry['value']:.3f} {unit}, row {entry['line']}{_loose(entry)})"
+    if entry.get("noisy"):
+        text += f" {NOISY} (p80/p20 {entry['spread']:.2f})"
+    if entry.get("runner_up") is not None:
+        verdict = "within the noise of" if entry["within_noise"] else "apart from"
+        text += f"; {verdict} `{entry['runner_up']}` ({entry['how']})"
+    return text
+
+
+def _range_pick(pick: dict | None, empty: str, detail: bool = True) -> str:
+    if pick is None:
+        return empty
+    text = f"`{pick['impl']}`"
+    if not detail:
+        return text + (f" (loose: accuracy {pick['loose']:.3g}×)" if pick.get("loose") is not None else "")
+    if pick["cases"]:
+        text += f" (best in {pick['wins']}/{pick['cases']} cases, {pick['geomean_ratio']:.2f}× the best on geometric mean"
+        text += _loose(pick) + ")"
+    if pick.get("runner_up") is not None:
+        text += (f"; runner-up `{pick['runner_up']}` ({pick['runner_ratio']:.2f}×): "
+                 + ("**within the noise** in every case" if pick["within_noise"]
+                    else f"apart beyond the noise in {pick['apart']}/{pick['cases']} cases"))
+    return text
+
+
+def trust_lines(run: Run) -> list[str]:
+    """Who may be named, why some may not, and against which conformance table."""
+    trust = run.trust
+    lines = ["Verdicts name only implementations that agreed with the float64 reference (training check and "
+             "evaluation check) in every case of their family and dtype in this run, and that do not fail a stored "
+             "conformance table matching this run's versions (device type, torch, triton and the peers' packages; "
+             "cebench's commit may differ) in a scenario that applies to the run. A fastest within the noise says so: "
+             f"{NOISY} means p80/p20 > {report_trust.NOISE_SPREAD:g}; the runner-up is told apart by a two-sided "
+             "Mann-Whitney U test on the raw samples (p < 0.05).", ""]
+    if trust.table is None:
+        lines += [f"**⚠ Not checked against the conformance matrix: {_escape(trust.note)}.** These verdicts rest on "
+                  "this run's own checks only; run `python -m cebench conformance` with the same versions.", ""]
+    else:
+        lines += [f"Conformance: {_escape(trust.note)}.", ""]
+    return lines
+
+
+def exclusion_lines(run: Run) -> list[str]:
+    """The implementations no verdict names, those the conformance table does not know, and its other findings."""
+    trust, lines = run.trust, []
+    excluded = exclusions(run.frame, trust)
+    if excluded:
+        lines += ["Never recommended here:", ""]
+        lines += [f"- {e['family']} {e['dtype']}: `{e['impl']}`: {_escape(' / '.join(e['why']))}" for e in excluded]
+        lines.append("")
+    missing = unchecked(run.frame, trust)
+    if missing:
+        lines += ["Not in the conformance table (named, but unchecked there): "
+                  + ", ".join(f"`{i}`" for i in missing) + ".", ""]
+    if trust.elsewhere:
+        lines += ["Conformance failures in scenarios this run does not exercise (not held against them): "
+                  + "; ".join(f"`{i}` ({f} {d}): {', '.join(w)}" for (i, f, d), w in sorted(trust.elsewhere.items()))
+                  + ".", ""]
+    return lines
 
 
 def verdict_lines(run: Run) -> list[str]:
     lines = ["## Verdict: which implementation for my shape", ""]
-    recs = recommendations(run.frame)
+    trust = run.trust
+    lines += trust_lines(run)
+    recs = recommendations(run.frame, trust)
     if recs:
-        lines += ["| family | dtype | V | N | use (fastest, " + (recs[0]["mode"] or "") + ") | leanest |",
-                  "|---|---|---|---|---|---|"]
+        dist = any(r["distribution"] not in ("", "gaussian") for r in recs) or len({r["distribution"] for r in recs}) > 1
+        models = any(r["models"] for r in recs)
+        evals = any(r["eval"] is not None for r in recs)
+        head = ["family", "dtype", *(["inputs"] if dist else []), "V", "N", *(["models"] if models else []),
+                f"use (fastest, {recs[0]['mode']})", "leanest", *(["fastest for evaluation (loss only)"] if evals else [])]
+        lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for r in recs:
-            fast, lean = r["fastest"], r["leanest"]
-            fast_text = (f"`{fast['impl']}` (best in {fast['wins']}/{fast['cases']} cases, "
-                         f"{fast['geomean_ratio']:.2f}× the best on geometric mean)") if fast else "no trusted timing"
-            lean_text = f"`{lean['impl']}`" if lean else "no trusted measurement"
-            lines.append(f"| {r['family']} | {r['dtype']} | {r['v_range']} | {r['n_range']} | {fast_text} | {lean_text} |")
+            cells = [r["family"], r["dtype"], *([r["distribution"] or "—"] if dist else []), r["v_range"], r["n_range"],
+                     *([", ".join(r["models"]) or "—"] if models else []),
+                     _range_pick(r["fastest"], "no trusted timing"),
+                     _range_pick(r["leanest"], "no trusted measurement", False),
+                     *([_range_pick(r["eval"], "no trusted eval timing")] if evals else [])]
+            lines.append("| " + " | ".join(_escape(c) for c in cells) + " |")
         lines.append("")
-    lines += ["Per case, the fastest and the leanest implementation that agreed with the float64 reference "
-              "(row = the results.csv line):", "",
+    lines += exclusion_lines(run)
+    lines += [upstream_note(run.frame), ""]
+    grads = fwd_grad_impls(run.frame)
+    if grads:
+        lines += [f"Forward times marked {FWD_GRAD} ({', '.join(f'`{i}`' for i in grads)}) also compute the gradient: "
+                  "compare them on forward+backward, and on eval for the loss alone.", ""]
+    lines += ["Per case, the fastest and the leanest implementation that may be named (row = the results.csv line):", "",
               "| case | mode | fastest correct | leanest correct |", "|---|---|---|---|"]
-    for v in verdicts(run.frame):
-        lines.append(f"| {v['case']} | {v['mode']} | {_pick(v['fastest'], 'ms')} | {_pick(v['leanest'], 'MiB')} |")
+    for v in verdicts(run.frame, trust):
+        lines.append(f"| {_escape(v['label'])} | {MODE_LABEL.get(v['mode'], v['mode'])} | "
+                     f"{_escape(_pick(v['fastest'], 'ms'))} | {_escape(_pick(v['leanest'], 'MiB'))} |")
     return lines + [""]
 
 
@@ -104,7 +192,7 @@ def markdown(run: Run, figures: dict[str, list], figure_dir: str = "figures") ->
                   "in the interpreter, so their timings are not ranked.", ""]
     for family in run.families:
         lines += [f"## Family: {family}", ""]
-        for tab in family_tables(run.frame, family):
+        for tab in family_tables(run.frame, family, run.trust):
             lines += table(tab)
         lines += figure_lines(figures.get(family, []), figure_dir)
     lines += memory_model_lines(run)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from cebench import memory_model, probe, report_data
+from cebench import memory_model, probe, report_data, report_verdicts
 from cebench.report import default_reports_dir, write_reports
 from cebench.results import RunWriter, write_env
 
@@ -96,14 +96,14 @@ def written(run_dir) -> dict[str, Path]:
 
 def test_verdict_ranks_only_trusted_correct_rows(run_dir):
     run = report_data.load(run_dir)
-    for v in report_data.verdicts(run.frame):
+    for v in report_verdicts.verdicts(run.frame):
         if v["family"] != "logits":
             continue
         # greedy is fastest where it ran; interp and wrong are faster still but untrusted
         expected_fast = "greedy" if v["mode"] != "forward+backward" else "torch"
         assert v["fastest"]["impl"] == expected_fast, v
         assert v["leanest"]["impl"] == "lean", v
-    recs = {(r["family"], r["v_range"]): r for r in report_data.recommendations(run.frame)}
+    recs = {(r["family"], r["v_range"]): r for r in report_verdicts.recommendations(run.frame)}
     assert recs[("logits", "V < 32K")]["fastest"]["impl"] == "torch"  # greedy has no fwd+bwd timing: cannot compete
     assert recs[("logits", "V < 32K")]["leanest"]["impl"] == "lean"
     assert recs[("linear", "V < 32K")]["fastest"]["impl"] == "linear_torch"
