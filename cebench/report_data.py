@@ -298,10 +298,12 @@ def problems(frame: pd.DataFrame) -> list[dict]:
     """Disagreements and failures, loudly at the top of every report: one entry per implementation × case,
     with the first problem's status and reason (later modes usually just say they did not run) and every row."""
     bad = frame[frame["status"].isin(["failed", "oom", "timeout"])]
+    labels = label_of(frame)
     out = []
     for (impl, case), group in bad.groupby(["impl", "case"], sort=False):
         first = group.iloc[0]
-        out.append({"impl": impl, "case": case, "status": first["status"], "reason": first["reason"],
+        out.append({"impl": impl, "case": case, "label": f"{first['family']} {labels.get(case, case)}",
+                    "status": first["status"], "reason": first["reason"],
                     "modes": ", ".join(dict.fromkeys(group["mode"])), "lines": _lines(group["line"])})
     return out
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import jinja2
 
 from cebench import probe, report_trust
-from cebench.report_data import MODE_LABEL, Run, family_tables, fwd_grad_impls, problems, provenance, upstream_note
+from cebench.report_data import MODE_LABEL, Run, family_tables, fwd_grad_impls, label_of, problems, provenance, upstream_note
 from cebench.report_verdicts import exclusions, recommendations, unchecked, verdicts
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
@@ -27,15 +27,17 @@ def _environment() -> jinja2.Environment:
                               undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
 
 
-def _figure(fig) -> dict:
+def _figure(fig, labels: dict) -> dict:
+    """A figure for the page; the rows it was drawn from name their cases as the tables do."""
+    data = [{**d, "case": labels.get(d["case"], d["case"])} for d in fig.data.to_dict("records")]
     return {"id": fig.id, "title": fig.title, "caption": fig.caption, "b64": base64.b64encode(fig.png).decode("ascii"),
-            "data": fig.data.to_dict("records")}
+            "data": data}
 
 
 def html(run: Run, figures: dict[str, list]) -> str:
-    trust = run.trust
+    trust, labels = run.trust, label_of(run.frame)
     families = [{"name": f, "tables": family_tables(run.frame, f, trust),
-                 "figures": [_figure(x) for x in figures.get(f, [])]} for f in run.families]
+                 "figures": [_figure(x, labels) for x in figures.get(f, [])]} for f in run.families]
     recs = recommendations(run.frame, trust)
     return _environment().get_template("report.html.j2").render(
         run=run, problems=problems(run.frame), recommendations=recs, verdicts=verdicts(run.frame, trust),

@@ -181,7 +181,7 @@ def markdown(run: Run, figures: dict[str, list], figure_dir: str = "figures") ->
     bad = problems(run.frame)
     if bad:
         lines += ["## ⚠ Failures", ""]
-        lines += [f"- `{p['impl']}` on {p['case']} [{p['modes']}]: **{p['status']}**: {_escape(p['reason'])} "
+        lines += [f"- `{p['impl']}` on {_escape(p['label'])} [{p['modes']}]: **{p['status']}**: {_escape(p['reason'])} "
                   f"(rows {p['lines']})" for p in bad] + [""]
     lines += verdict_lines(run)
     lines += ["## Provenance", "", "| | |", "|---|---|"]

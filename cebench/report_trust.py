@@ -40,12 +40,15 @@ CONFORMANCE_DIR = Path(__file__).resolve().parent.parent / "reports" / "conforma
 
 def run_problems(frame: pd.DataFrame) -> dict[tuple, list[str]]:
     """(impl, family, dtype) -> why the run speaks against it: failed checks, inputs overwritten while timed."""
+    from cebench.report_data import label_of  # cebench.report_data builds on this module
+
     bad = frame[((frame["metric"].isin(CHECKS)) | (frame["metric"] == "mutates_input")) & (frame["status"] == "failed")]
+    labels = label_of(frame) if len(bad) else {}
     out: dict[tuple, list[str]] = {}
     for row in bad.to_dict("records"):
         what = {"agreement": "failed the check", "eval_agreement": "failed the evaluation check"}.get(
             row["metric"], "overwrote its inputs while timed")
-        text = f"{what} on {row['case']} (row {int(row['line'])}): {_clip(row.get('reason'))}"
+        text = f"{what} on {labels.get(row['case'], row['case'])} (row {int(row['line'])}): {_clip(row.get('reason'))}"
         out.setdefault((row["impl"], row["family"], row["dtype"]), []).append(text)
     return out
 

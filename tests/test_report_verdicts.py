@@ -256,6 +256,8 @@ def shown(tmp_path_factory) -> dict:
     cell(writer, "linear_torch", 2.0, family="linear", H=4096, V=128256, N=64, dtype="bfloat16", model="llama3-8b",
          distribution="lm")
     cell(writer, "torch", 1.0, dtype="autocast-bfloat16")
+    cell(writer, "broken", 0.1, family="linear", H=4096, V=128256, N=64, dtype="bfloat16", model="llama3-8b",
+         agrees=False)
     run_dir = finish(writer, parent / "shown")
     paths = write_reports(run_dir, parent / "reports", [])
     return {"run": report_data.load(run_dir, []), "md": paths["markdown"].read_text(), "html": paths["html"].read_text()}
@@ -304,7 +306,9 @@ def test_model_and_distribution_and_autocast_shown_with_the_case(shown):
     md = shown["md"]
     assert "N=64 V=128256 H=4096 (llama3-8b) bfloat16 mean dist=gaussian" in md  # the distribution varies here
     assert "N=64 V=128256 H=4096 (llama3-8b) bfloat16 mean dist=lm" in md
-    assert "model=" not in md.split("## Provenance")[1].split("**")[0]  # the raw id is not what tables show
+    assert "model=" not in md and "model=" not in shown["html"]  # never the raw case id: tables, verdicts, failures
+    assert "`broken` on linear N=64 V=128256 H=4096 (llama3-8b) bfloat16 mean dist=gaussian" in md  # failures
+    assert "<td>N=64 V=128256 H=4096 (llama3-8b) bfloat16 mean dist=lm</td>" in shown["html"]  # rows plotted
     assert "autocast-bfloat16" in md
     assert "| models |" in md and "| llama3-8b |" in md
     assert "| inputs |" in md and "| lm |" in md
