@@ -148,7 +148,7 @@ def upstream_note(frame: pd.DataFrame) -> str:
 def fwd_grad_impls(frame: pd.DataFrame) -> list[str]:
     """Implementations whose timed training forward also computed the gradient, in some case."""
     rows = frame[(frame["metric"] == "time") & (frame["mode"] == "forward") & (frame["status"] == "ok")]
-    return list(dict.fromkeys(rows[rows["grad_in_forward"].map(flag)]["impl"]))
+    return list(dict.fromkeys(rows[rows["grad_in_forward"].map(flag).astype(bool)]["impl"]))
 
 
 def _range(value: float, ranges) -> str:

@@ -88,7 +88,8 @@ def find_conformance(env: dict, dirs) -> tuple[Conformance | None, str]:
     tables = sorted({p.resolve() for d in dirs for p in Path(d).glob("*/conformance.csv")},
                     key=lambda p: p.parent.name, reverse=True)
     if not tables:
-        return None, f"no conformance table found (looked in {', '.join(str(d) for d in dirs)})"
+        where = ", ".join(str(d) for d in dirs) or "no folder given"
+        return None, f"no conformance table found (looked in: {where})"
     reasons = []
     for path in tables:
         try:

@@ -332,6 +332,30 @@ def test_a_run_without_the_new_columns_renders(tmp_path):
     assert "This run predates the accuracy figures" in text and "eval (loss only)" not in text
 
 
+def test_odd_cells_and_an_empty_run_render(tmp_path):
+    """Text where a flag belongs, a number where a name belongs, a broken samples file, a run with no rows."""
+    run_dir = plant_run(tmp_path, "odd")
+    with open(run_dir / "results.csv", newline="") as f:
+        reader = csv.DictReader(f)
+        fields, rows = reader.fieldnames, list(reader)
+    for i, row in enumerate(rows):
+        row.update({0: {"grad_in_forward": "maybe"}, 1: {"upstream_grad": "42", "model": "nan"},
+                    2: {"distribution": "", "p20": "abc"}, 3: {"value": "-inf", "p80": "inf"}}[i % 4])
+    with open(run_dir / "results.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fields)
+        writer.writeheader()
+        writer.writerows(rows)
+    (run_dir / "samples.jsonl").write_text('{"impl": "fast", "samples_ms": [NaN]}\nnot json\n')
+    assert "## Verdict" in write_reports(run_dir, tmp_path / "reports", [])["markdown"].read_text()
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "results.csv").write_text(",".join(fields) + "\n")
+    (empty / "env.json").write_text(json.dumps(ENV))
+    text = write_reports(empty, tmp_path / "reports", [])["markdown"].read_text()
+    assert "## Verdict" in text and "looked in: no folder given" in text
+
+
 COMMITTED = sorted(p for p in (Path(__file__).resolve().parent.parent / "results").glob("2*") if
                    (p / "results.csv").is_file())
 
