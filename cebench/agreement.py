@@ -198,6 +198,8 @@ def _target_columns(ref, name: str, rows: slice, dim: int, start: int, stop: int
     """For the logits gradient: each row's target column within the chunk (-1: ignored, or in another shard)."""
     if name != "logits":
         return None
+    if stop is not None and dim == 0:  # a shard of rows: only the chunk's rows that it holds
+        rows = slice(max(rows.start, start), min(rows.stop, stop))
     cols = ref.inputs["targets"][rows].to(torch.int64)
     valid = ref.valid[rows]
     if stop is not None and dim == 1:

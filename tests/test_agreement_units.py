@@ -1,0 +1,388 @@
+"""The agreement check's parts, called in-process on small known data (the fast layer; mutmut runs it).
+
+cebench.agreement turns a float64 reference and an implementation's outputs into figures: half an ulp
+of a dtype, a NaN/inf-aware difference, the loss in half-ulps, the gradient's accuracy against the
+best its dtype allows (overall, per row, as a signed bias, at the target class), and slices of a
+vocabulary-parallel rank. Each figure is checked here against values worked out by hand or by an
+independent route, so a change to a formula fails a test, not only a change that crosses a limit.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from cebench import agreement
+from cebench.agreement import (
+    BIAS_LIMIT,
+    BIAS_T,
+    FP32_FLOOR,
+    GRAD_LIMIT,
+    LOSS_LIMIT,
+    ROW_LIMIT,
+    TARGET_LIMIT,
+    Agreement,
+    compare,
+    failed,
+    half_ulp,
+    precision,
+)
+from cebench.cases import IGNORE_INDEX, Case, make_grad_output, make_inputs
+from cebench.reference import reference
+
+INF, NAN = math.inf, math.nan
+
+
+def _ref(case: Case, chunk_elements: int | None = None):
+    inputs = make_inputs(case, "cpu")
+    return reference(case, inputs, make_grad_output(case, "cpu"), chunk_elements)
+
+
+def _by_name(results) -> dict:
+    return {a.quantity: a for a in results}
+
+
+# -- half an ulp ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype,expected", [
+    (torch.bfloat16, [2**-8, 2**-8, 2**-9, 2**-7, 2**-7]),
+    (torch.float16, [2**-11, 2**-11, 2**-12, 2**-10, 2**-10]),
+    (torch.float32, [2**-24, 2**-24, 2**-25, 2**-23, 2**-23]),
+])
+def test_half_ulp_on_known_values(dtype, expected):
+    x = torch.tensor([1.0, 1.5, 0.75, 3.0, -2.0], dtype=torch.float64)
+    assert half_ulp(x, dtype).tolist() == expected
+
+
+def test_half_ulp_below_the_normal_range_is_the_spacing_at_tiny():
+    # float16's smallest normal is 2^-14 and its subnormals are spaced 2^-24 apart: half of that is 2^-25
+    x = torch.tensor([0.0, 1e-7, -3e-6, 2.0**-14], dtype=torch.float64)
+    assert half_ulp(x, torch.float16).tolist() == [2**-25] * 4
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_half_ulp_bounds_rounding_and_is_reached(dtype):
+    x = torch.randn(20000, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) * 3
+    bound = half_ulp(x, dtype)
+    ratio = (x.to(dtype).double() - x).abs() / bound
+    # torch rounds float64 to bf16/fp16 through float32: a value within 2^-24 of a midpoint can land on the
+    # far side (double rounding), a hair beyond half an ulp
+    assert 0.99 < float(ratio.max()) <= 1 + 2**-12
+
+
+# -- the difference ------------------------------------------------------------------------------------
+def test_difference_rules_for_non_finite_values():
+    got = torch.tensor([1.5, NAN, INF, -INF, NAN, 2.0, INF, -INF, 1.0], dtype=torch.float64)
+    expected = torch.tensor([1.0, NAN, INF, -INF, 2.0, NAN, -INF, 0.0, INF], dtype=torch.float64)
+    # equal values (NaN with NaN, inf with inf) differ by 0; any other non-finite pairing is an infinite error
+    assert agreement._difference(got, expected).tolist() == [0.5, 0, 0, 0, INF, INF, INF, INF, INF]
+
+
+def test_difference_keeps_the_sign_of_finite_errors():
+    got = torch.tensor([1.0, 3.0], dtype=torch.float64)
+    assert agreement._difference(got, torch.tensor([1.25, 2.0], dtype=torch.float64)).tolist() == [-0.25, 1.0]
+
+
+# -- the Agreement record --------------------------------------------------------------------------------
+def _grad(accuracy=1.0, row=1.0, bias=0.0, t=0.0, target=0.0, target_rel=None):
+    return Agreement("logits", 0.5, 0.1, 0.01, accuracy, row, 7, bias=bias, bias_t=t, target_accuracy=target,
+                     target_rel_err=target_rel)
+
+
+def test_ok_holds_up_to_each_limit_and_not_beyond():
+    assert _grad(GRAD_LIMIT, ROW_LIMIT, target=TARGET_LIMIT).ok
+    assert not _grad(GRAD_LIMIT * 1.001).ok
+    assert not _grad(row=ROW_LIMIT * 1.001).ok
+    assert not _grad(target=TARGET_LIMIT * 1.001).ok
+    assert not _grad(NAN).ok and not _grad(row=NAN).ok  # a NaN figure is never ok
+
+
+@pytest.mark.parametrize("sign", [1, -1])
+def test_a_bias_counts_only_when_large_and_significant(sign):
+    assert not _grad(bias=sign * BIAS_LIMIT * 1.01, t=sign * BIAS_T * 1.01).ok
+    assert _grad(bias=sign * BIAS_LIMIT * 1.01, t=sign * BIAS_T).ok  # large but not significant
+    assert _grad(bias=sign * BIAS_LIMIT, t=sign * 1000).ok  # significant but within the limit
+
+
+def test_tolerance_is_the_limit_times_the_best():
+    assert _grad().tolerance == pytest.approx(GRAD_LIMIT * 0.01)
+
+
+def test_describe_a_loss():
+    loss = Agreement("loss", 0.5, 0.1, 0.01, 3.0, 3.0, None, LOSS_LIMIT, LOSS_LIMIT)
+    assert loss.describe() == "loss: 3 half-ulps > 2 (rel 1.00e-01, max abs 5.00e-01)"
+    rows = Agreement("loss", 0.5, 0.1, 0.01, 1.0, 1.0, 3, LOSS_LIMIT, LOSS_LIMIT)
+    assert rows.describe() == "loss: 1 half-ulps (row 3) <= 2 (rel 1.00e-01, max abs 5.00e-01)"
+    assert failed("loss", "missing").describe().startswith("loss (missing): inf half-ulps > ")
+
+
+def test_describe_a_gradient():
+    assert _grad(3.0, 4.0, bias=0.5, t=1.5, target=0.25, target_rel=1e-3).describe() == (
+        "logits: accuracy 3x the dtype's best, worst row 7 4x, bias +0.50 half-ulps (t +1.5), target class 0.25u "
+        "(rel 1.0e-03) <= limits 8x/16x/±2/2.5u (rel 1.00e-01 vs best 1.0e-02, max abs 5.00e-01)")
+    assert _grad(9.0, 4.0, bias=-3.0, t=-7.0).describe() == (
+        "logits: accuracy 9x the dtype's best, worst row 7 4x, bias -3.00 half-ulps (t -7.0) > limits 8x/16x/±2 "
+        "(rel 1.00e-01 vs best 1.0e-02, max abs 5.00e-01)")
+
+
+def test_failed_is_infinitely_wrong():
+    bad = failed("hidden", "shape (2, 3) != (3, 3)")
+    assert bad.quantity == "hidden (shape (2, 3) != (3, 3))" and not bad.ok
+    assert (bad.accuracy, bad.row_accuracy, bad.rel_err, bad.max_abs_err, bad.best_rel) == (INF, INF, INF, INF, 0.0)
+    assert failed("weight").quantity == "weight"
+
+
+def test_precision_of_a_case_dtype():
+    assert precision("float32") is torch.float32 and precision("float16") is torch.float16
+    assert precision("autocast-bfloat16") is torch.bfloat16 and precision("bfloat16") is torch.bfloat16
+
+
+# -- the loss, in half-ulps -------------------------------------------------------------------------------
+def _loss_allowed(ref, judged):
+    """The rule as documented: half an ulp of the judged dtype plus float32 arithmetic on loss + lse."""
+    lse = torch.where(ref.valid, ref.lse, torch.zeros_like(ref.lse))
+    scale = {"none": lse, "sum": lse.sum(), "mean": lse.sum() / max(1, ref.n_valid)}[ref.case.reduction]
+    return half_ulp(ref.loss, judged) + FP32_FLOOR * (ref.loss.abs() + scale)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_loss_error_in_half_ulps(reduction):
+    case = Case("logits", N=6, V=40, dtype="bfloat16", reduction=reduction, ignore_frac=0.3)
+    ref = _ref(case)
+    allowed = _loss_allowed(ref, torch.bfloat16)
+    off = ref.loss + 3 * allowed  # exactly three allowed steps away (float64: no rounding)
+    verdict = _by_name(compare({"loss": off}, ref, case.dtype))["loss"]
+    assert verdict.accuracy == pytest.approx(3.0) and not verdict.ok
+    assert verdict.limit == verdict.row_limit == LOSS_LIMIT
+    assert verdict.max_abs_err == pytest.approx(float((3 * allowed).max()))
+    norm = float(ref.loss.norm())
+    assert verdict.rel_err == pytest.approx(float((3 * allowed).norm()) / norm)
+    assert verdict.best_rel == pytest.approx(float(allowed.norm()) / norm)
+    assert verdict.worst_row is None if reduction != "none" else verdict.worst_row is not None
+    within = _by_name(compare({"loss": ref.loss + 1.5 * allowed}, ref, case.dtype))["loss"]
+    assert within.accuracy == pytest.approx(1.5) and within.ok
+
+
+def test_loss_worst_row_is_named():
+    case = Case("logits", N=5, V=30, dtype="float16", reduction="none")
+    ref = _ref(case)
+    got = ref.loss.clone()
+    got[3] += 4 * _loss_allowed(ref, torch.float16)[3]
+    verdict = _by_name(compare({"loss": got}, ref, case.dtype))["loss"]
+    assert verdict.worst_row == 3 and verdict.accuracy == pytest.approx(4.0)
+
+
+def test_loss_is_judged_in_the_coarser_of_its_dtype_and_the_case_precision():
+    case = Case("logits", N=4, V=30, dtype="float32")
+    ref = _ref(case)
+    step = half_ulp(ref.loss, torch.bfloat16)
+    fp32_loss = compare({"loss": (ref.loss + step).float()}, ref, "float32")[0]
+    assert not fp32_loss.ok  # in float32, half a bf16 ulp is far too much
+    bf16_case = compare({"loss": (ref.loss + step).float()}, ref, "bfloat16")[0]
+    bf16_loss = compare({"loss": ref.loss.to(torch.bfloat16)}, ref, "float32")[0]
+    assert bf16_case.ok and bf16_loss.ok  # a bf16 case, or a loss returned in bf16: judged in bf16
+    assert compare({"loss": ref.loss.to(torch.bfloat16)}, ref, "autocast-bfloat16")[0].ok
+
+
+def test_nan_loss_agrees_only_with_a_nan_reference():
+    case = Case("logits", N=4, V=10, ignore_frac=1.0)  # a mean over no targets is NaN, as in PyTorch
+    ref = _ref(case)
+    assert compare({"loss": torch.tensor(NAN)}, ref, case.dtype)[0].ok
+    assert not compare({"loss": torch.tensor(0.0)}, ref, case.dtype)[0].ok
+    finite = _ref(Case("logits", N=4, V=10))
+    assert not compare({"loss": torch.tensor(NAN)}, finite, "float32")[0].ok
+
+
+def test_missing_outputs_and_wrong_shapes_fail_by_name():
+    case = Case("logits", N=4, V=10)
+    ref = _ref(case)
+    results = compare({}, ref, case.dtype)
+    assert [a.quantity for a in results] == ["loss (missing)", "logits (missing)"] and not any(a.ok for a in results)
+    results = compare({"loss": ref.loss.reshape(1), "logits": torch.zeros(4, 9)}, ref, case.dtype)
+    assert [a.quantity for a in results] == ["loss (shape (1,) != ())", "logits (shape (4, 9) != (4, 10))"]
+
+
+# -- gradients: accuracy against the dtype's best --------------------------------------------------------
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_the_rounded_reference_scores_exactly_one(dtype):
+    case = Case("logits", N=12, V=50, dtype=dtype, ignore_frac=0.2)
+    ref = _ref(case, chunk_elements=100)  # several chunks of rows
+    best = ref["logits"].to(case.torch_dtype)
+    verdict = _by_name(compare({"loss": ref.loss, "logits": best}, ref, dtype))["logits"]
+    assert verdict.accuracy == pytest.approx(1.0) and verdict.row_accuracy == pytest.approx(1.0)
+    assert verdict.bias == 0.0 and verdict.bias_t == 0.0
+    exact = ref["logits"]
+    assert verdict.rel_err == pytest.approx(float((best.double() - exact).norm() / exact.norm()))
+    assert verdict.best_rel == pytest.approx(verdict.rel_err)
+    assert verdict.max_abs_err == float((best.double() - exact).abs().max())
+
+
+def test_twice_the_rounding_error_scores_two():
+    case = Case("logits", N=12, V=50, dtype="bfloat16")
+    ref = _ref(case)
+    exact = ref["logits"]
+    twice = exact + 2 * (exact.to(torch.bfloat16).double() - exact)
+    verdict = _by_name(compare({"loss": ref.loss, "logits": twice}, ref, case.dtype))["logits"]
+    assert verdict.accuracy == pytest.approx(2.0) and verdict.row_accuracy == pytest.approx(2.0)
+
+
+def test_float32_yardstick_is_floored_by_float32_arithmetic():
+    case = Case("logits", N=8, V=30)
+    ref = _ref(case)
+    exact = ref["logits"]
+    verdict = _by_name(compare({"loss": ref.loss, "logits": exact}, ref, case.dtype))["logits"]
+    assert verdict.best_rel == FP32_FLOOR and verdict.accuracy == 0.0 and verdict.row_accuracy == 0.0
+    off = exact * (1 + 4 * FP32_FLOOR)
+    verdict = _by_name(compare({"loss": ref.loss, "logits": off}, ref, case.dtype))["logits"]
+    assert verdict.accuracy == pytest.approx(4.0) and verdict.rel_err == pytest.approx(4 * FP32_FLOOR)
+
+
+def test_one_wrong_row_is_named_and_judged_against_its_own_reference():
+    case = Case("logits", N=64, V=40, dtype="bfloat16", ignore_frac=0.1)
+    ref = _ref(case)
+    got = ref["logits"].to(torch.bfloat16)
+    row = int((ref.valid.nonzero().flatten())[-1])
+    got[row] = 0
+    verdict = _by_name(compare({"loss": ref.loss, "logits": got}, ref, case.dtype))["logits"]
+    assert verdict.worst_row == row and not verdict.ok
+    exact = ref["logits"]
+    best_row = float((exact[row].to(torch.bfloat16).double() - exact[row]).norm())
+    typical = float(exact[row].norm()) * verdict.best_rel  # a row is never held to better than the tensor's level
+    assert verdict.row_accuracy == pytest.approx(float(exact[row].norm()) / max(best_row, typical))
+
+
+def test_an_ignored_row_must_stay_zero():
+    case = Case("logits", N=32, V=40, dtype="bfloat16", ignore_frac=0.2)
+    ref = _ref(case)
+    got = ref["logits"].to(torch.bfloat16)
+    ignored = int((~ref.valid).nonzero().flatten()[0])
+    got[ignored, 5] = 1e-3  # tiny, but where the exact answer is exactly zero
+    verdict = _by_name(compare({"loss": ref.loss, "logits": got}, ref, case.dtype))["logits"]
+    assert verdict.worst_row == ignored and not verdict.ok
+
+
+def test_all_zero_reference_is_judged_row_by_row():
+    """V=1: every gradient is exactly zero; a nonzero one must fail against the scale it would have."""
+    case = Case("logits", N=4, V=1)
+    ref = _ref(case)
+    zero = _by_name(compare({"loss": ref.loss, "logits": torch.zeros(4, 1)}, ref, case.dtype))["logits"]
+    assert zero.ok and zero.accuracy == 0.0
+    scale = float(ref.row_scale.abs().max())
+    small = torch.zeros(4, 1)
+    small[2] = scale * 1e-3
+    verdict = _by_name(compare({"loss": ref.loss, "logits": small}, ref, case.dtype))["logits"]
+    assert not verdict.ok and verdict.worst_row == 2
+    assert verdict.accuracy == verdict.row_accuracy == pytest.approx(1e-3 / FP32_FLOOR, rel=1e-3)
+
+
+def test_a_scaled_gradient_shows_as_a_significant_bias():
+    case = Case("logits", N=64, V=200, dtype="bfloat16")
+    ref = _ref(case)
+    scaled = (ref["logits"] * 1.01).to(torch.bfloat16)
+    verdict = _by_name(compare({"loss": ref.loss, "logits": scaled}, ref, case.dtype))["logits"]
+    # 1 % is 2^-6.6 relative; a half-ulp of bf16 is 2^-8 to 2^-9 relative: 2.5 to 5 half-ulps per entry
+    assert 2.5 < verdict.bias < 5 and verdict.bias_t > BIAS_T and not verdict.ok
+    shrunk = (ref["logits"] * 0.99).to(torch.bfloat16)
+    verdict = _by_name(compare({"loss": ref.loss, "logits": shrunk}, ref, case.dtype))["logits"]
+    assert -5 < verdict.bias < -2.5 and verdict.bias_t < -BIAS_T and not verdict.ok
+
+
+def test_bias_statistics_on_known_excess():
+    sums = agreement._RowSums(1, "cpu")
+    sums.bias_sum, sums.noise2, sums.bias_count = 6.0, 10.0, 4.0  # excess 1, 1, 2, 2 half-ulps: mean 1.5, sd 0.5
+    assert sums.bias() == (1.5, pytest.approx(1.5 * 2 / 0.5))
+    sums.bias_sum, sums.noise2 = -8.0, 16.0  # all -2: no spread, certainly biased
+    assert sums.bias() == (-2.0, -INF)
+    sums.bias_sum, sums.noise2 = 0.0, 0.0
+    assert sums.bias() == (0.0, 0.0)
+    assert agreement._RowSums(3, "cpu").bias() == (0.0, 0.0)  # nothing added
+
+
+def test_target_class_error_in_unit_roundoffs():
+    case = Case("logits", N=16, V=30, dtype="bfloat16", ignore_frac=0.25)
+    ref = _ref(case)
+    exact = ref["logits"]
+    targets = ref.inputs["targets"]
+    rows = ref.valid.nonzero().flatten()
+    got = exact.clone()
+    u = 2.0**-8  # bf16's unit roundoff
+    got[rows, targets[rows]] *= 1 + 2 * u  # every target entry two unit roundoffs off, nothing else
+    verdict = _by_name(compare({"loss": ref.loss, "logits": got}, ref, case.dtype))["logits"]
+    target_values = exact[rows, targets[rows]].abs()
+    assert verdict.target_rel_err == pytest.approx(2 * u)
+    row_scale = exact[rows].abs().amax(dim=1)
+    allowed = (target_values * u + FP32_FLOOR * row_scale).norm()
+    assert verdict.target_accuracy == pytest.approx(float((2 * u * target_values).norm() / allowed))
+    assert 1.9 < verdict.target_accuracy < 2.0 and verdict.target_accuracy <= TARGET_LIMIT
+
+
+def test_target_figure_only_for_the_logits_gradient():
+    case = Case("linear", N=6, V=20, H=8, dtype="float32")
+    ref = _ref(case)
+    results = _by_name(compare({"loss": ref.loss, "hidden": ref["hidden"], "weight": ref["weight"]}, ref, "float32"))
+    assert results["hidden"].target_rel_err is None and results["weight"].target_rel_err is None
+    assert results["hidden"].ok and results["weight"].ok
+    all_ignored = _ref(Case("logits", N=3, V=20, ignore_frac=1.0))
+    logits = _by_name(compare({"loss": all_ignored.loss, "logits": torch.zeros(3, 20)}, all_ignored, "float32"))
+    assert logits["logits"].target_rel_err is None and logits["logits"].target_accuracy == 0.0
+
+
+def test_target_columns():
+    case = Case("logits", N=4, V=10)
+    ref = _ref(case)
+    ref.inputs["targets"].copy_(torch.tensor([3, IGNORE_INDEX, 7, 0]))
+    ref.valid = ref.inputs["targets"] != IGNORE_INDEX
+    assert agreement._target_columns(ref, "hidden", slice(0, 4), 0, 0, None) is None
+    assert agreement._target_columns(ref, "logits", slice(0, 4), 0, 0, None).tolist() == [3, -1, 7, 0]
+    assert agreement._target_columns(ref, "logits", slice(1, 3), 0, 0, None).tolist() == [-1, 7]
+    # a rank holding columns [3, 8): targets re-based to it, the others are not in this shard
+    assert agreement._target_columns(ref, "logits", slice(0, 4), 1, 3, 8).tolist() == [0, -1, 4, -1]
+    # a rank holding rows [1, 3): the chunk's rows that it holds, at full width
+    assert agreement._target_columns(ref, "logits", slice(0, 4), 0, 1, 3).tolist() == [-1, 7]
+
+
+def test_restrict_to_a_shard():
+    chunk = torch.arange(24.0).reshape(4, 6)  # full rows 4..8 of the reference
+    rows, part = agreement._restrict(slice(4, 8), chunk, 0, 0, None)
+    assert rows == slice(4, 8) and part is chunk
+    rows, part = agreement._restrict(slice(4, 8), chunk, 1, 2, 5)
+    assert rows == slice(4, 8) and torch.equal(part, chunk[:, 2:5])
+    rows, part = agreement._restrict(slice(4, 8), chunk, 0, 6, 10)  # the shard holds rows 6..10
+    assert rows == slice(0, 2) and torch.equal(part, chunk[2:4])
+    rows, part = agreement._restrict(slice(4, 8), chunk, 0, 2, 5)
+    assert rows == slice(2, 3) and torch.equal(part, chunk[0:1])
+    assert agreement._restrict(slice(4, 8), chunk, 0, 8, 12)[1] is None
+    assert agreement._restrict(slice(4, 8), chunk, 0, 0, 4)[1] is None
+
+
+@pytest.mark.parametrize("dim,start,stop", [(1, 0, 7), (1, 7, 19), (0, 0, 5), (0, 5, 12)])
+def test_each_shard_is_checked_against_its_own_slice(dim, start, stop):
+    case = Case("logits", N=12, V=19, dtype="bfloat16", ignore_frac=0.2)
+    ref = _ref(case, chunk_elements=40)  # chunks of 2 rows: shards start inside them
+    full = ref["logits"].to(torch.bfloat16)
+    index = [slice(None), slice(None)]
+    index[dim] = slice(start, stop)
+    part = full[tuple(index)].clone()
+    shard = {"logits": (dim, start, stop)}
+    verdict = _by_name(compare({"loss": ref.loss, "logits": part}, ref, case.dtype, shards=shard))["logits"]
+    assert verdict.ok and verdict.accuracy == pytest.approx(1.0)
+    part.view(-1)[part.numel() // 2] += 0.25  # one wrong entry in this rank's slice
+    verdict = _by_name(compare({"loss": ref.loss, "logits": part}, ref, case.dtype, shards=shard))["logits"]
+    assert not verdict.ok
+    wrong_shape = full if stop - start < full.shape[dim] else full[:-1]
+    verdict = compare({"loss": ref.loss, "logits": wrong_shape}, ref, case.dtype, shards=shard)[1]
+    assert verdict.quantity.startswith("logits (shape ") and not verdict.ok
+
+
+def test_linear_weight_shards_take_rows_of_the_vocabulary():
+    case = Case("linear", N=6, V=20, H=8, dtype="float32")
+    ref = _ref(case)
+    weight = ref["weight"][5:13].float()
+    shards = {"weight": (0, 5, 13)}
+    results = _by_name(compare({"loss": ref.loss, "hidden": ref["hidden"].float(), "weight": weight}, ref, "float32",
+                               shards))
+    assert results["weight"].ok and results["hidden"].ok
+    assert agreement._expected_shape(ref, "weight", case.V, 0, 5, 13) == (8, 8)
+    assert agreement._expected_shape(ref, "hidden", case.N, 0, 0, None) == (6, 8)
+    assert agreement._expected_shape(_ref(Case("logits", N=3, V=11)), "logits", 3, 1, 2, 6) == (3, 4)
