@@ -7,7 +7,8 @@
 #   BUDGET_S=300 bash scripts/gpu_session.sh first   # seconds the headline may run before it is stopped
 # Device call: run(command="bash scripts/gpu_session.sh first", carry=[".whl"], timeout_s=580)
 #
-# Prepare here: scripts/wheelhouse.sh .whl first (and `quack` for the second call); carry [".whl"].
+# Prepare here: scripts/wheelhouse.sh .whl first; carry [".whl"]. For the second call rebuild it with only
+# QuACK's wheels (rm -r .whl; scripts/wheelhouse.sh .whl quack: 62 MiB, the limit is 64 with the tree).
 # The run directory comes back inside results.tar.xz (runs/<run id>); a headline cut off by the budget is finished later with
 # `python -m cebench run --resume <run dir>` (rows are written as they are measured, nothing is lost).
 set -uo pipefail
