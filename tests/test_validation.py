@@ -123,3 +123,95 @@ def test_an_empty_batch_is_valid_input():
     """N = 0 happens in training (the last shard of an epoch); F.cross_entropy accepts it, so validation does."""
     assert check_tensors(logits=torch.randn(0, 8), targets=torch.zeros(0, dtype=torch.long)) == (0, 8)
     assert Case(family="logits", N=0, V=8).N == 0
+
+
+# -- every error path of cebench.validate, with its whole message ------------------------------------------
+LONG = torch.zeros(4, dtype=torch.long)
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"logits": [[0.0]], "targets": LONG}, "logits must be a torch.Tensor, got list"),
+    ({"logits": torch.zeros(4, 8, dtype=torch.int32), "targets": LONG},
+     "logits has unsupported dtype int32; expected one of float32, bfloat16, float16"),
+    ({"logits": torch.randn(8), "targets": LONG}, "logits must be 2-D [N, V], got shape (8,)"),
+    ({"hidden": torch.randn(4, 3), "targets": LONG}, "give logits, or hidden and weight"),
+    ({"weight": torch.randn(8, 3), "targets": LONG}, "give logits, or hidden and weight"),
+    ({"hidden": "x", "weight": torch.randn(8, 3), "targets": LONG}, "hidden must be a torch.Tensor, got str"),
+    ({"hidden": torch.randn(4, 3), "weight": None, "targets": LONG}, "give logits, or hidden and weight"),
+    ({"hidden": torch.randn(4, 3), "weight": 1.0, "targets": LONG}, "weight must be a torch.Tensor, got float"),
+    ({"hidden": torch.randn(4, 3), "weight": torch.randn(8, 3, dtype=torch.float64), "targets": LONG},
+     "weight has unsupported dtype float64; expected one of float32, bfloat16, float16"),
+    ({"hidden": torch.randn(4, 3, 1), "weight": torch.randn(8, 3), "targets": LONG},
+     "hidden must be [N, H] and weight [V, H], got (4, 3, 1) and (8, 3)"),
+    ({"hidden": torch.randn(4, 3), "weight": torch.randn(8), "targets": LONG},
+     "hidden must be [N, H] and weight [V, H], got (4, 3) and (8,)"),
+    ({"hidden": torch.randn(4, 3), "weight": torch.randn(8, 5), "targets": LONG},
+     "hidden [N, H] = (4, 3) and weight [V, H] = (8, 5) disagree on H (3 != 5)"),
+    ({"hidden": torch.randn(4, 0), "weight": torch.randn(8, 0), "targets": LONG}, "H must be positive, got 0"),
+    ({"hidden": torch.randn(4, 3, dtype=torch.float16), "weight": torch.randn(8, 3), "targets": LONG},
+     "hidden and weight must share a dtype, got torch.float16 and torch.float32"),
+    ({"hidden": torch.randn(4, 3), "weight": torch.randn(0, 3), "targets": LONG}, "V must be positive, got N=4, V=0"),
+    ({"logits": torch.randn(4, 0), "targets": LONG}, "V must be positive, got N=4, V=0"),
+    ({"logits": _logits(), "targets": [0, 1, 2, 3]}, "targets must be a torch.Tensor, got list"),
+    ({"logits": _logits(), "targets": torch.zeros(4, dtype=torch.int16)},
+     "targets must be int32 or int64 class indices, got int16"),
+    ({"logits": _logits(), "targets": torch.zeros(4, dtype=torch.uint8)},
+     "targets must be int32 or int64 class indices, got uint8"),
+    ({"logits": _logits(), "targets": torch.zeros(2, 2, dtype=torch.long)},
+     "targets must be 1-D [N] = [4], got shape (2, 2)"),
+    ({"logits": _logits(), "targets": torch.tensor([8, 9, 10, 11])},
+     "4 target(s) outside [0, V=8) and not ignore_index=-100: targets[0]=8, targets[1]=9, targets[2]=10, targets[3]=11"),
+    ({"logits": _logits(6), "targets": torch.tensor([-5, 1, 8, 9, 10, 11])},
+     "5 target(s) outside [0, V=8) and not ignore_index=-100: targets[0]=-5, targets[2]=8, targets[3]=9, targets[4]=10, "
+     "targets[5]=11"),
+    ({"logits": _logits(6), "targets": torch.full((6,), 8)},
+     "6 target(s) outside [0, V=8) and not ignore_index=-100: targets[0]=8, targets[1]=8, targets[2]=8, targets[3]=8, "
+     "targets[4]=8 ..."),
+    ({"logits": _logits(), "targets": torch.tensor([0, -100, 1, 2]), "ignore_index": -1},
+     "1 target(s) outside [0, V=8) and not ignore_index=-1: targets[1]=-100"),
+    ({"logits": _logits().to("meta"), "targets": LONG}, "inputs are on different devices: ['cpu', 'meta']"),
+    ({"hidden": torch.randn(4, 3), "weight": torch.randn(8, 3, device="meta"), "targets": LONG},
+     "inputs are on different devices: ['cpu', 'meta']"),
+])
+def test_every_bad_call_is_named_exactly(kwargs, message):
+    with pytest.raises(InputError) as err:
+        check_tensors(**kwargs)
+    assert str(err.value) == message
+
+
+def test_a_custom_ignore_index_is_accepted_and_the_sizes_returned():
+    assert check_tensors(logits=_logits(), targets=torch.tensor([0, -1, 7, -1]), ignore_index=-1) == (4, 8)
+    assert check_tensors(hidden=torch.randn(5, 3), weight=torch.randn(9, 3), targets=torch.zeros(5, dtype=torch.int32)) \
+        == (5, 9)
+    assert check_tensors(logits=_logits(5), targets=torch.tensor([-100] * 5)) == (5, 8)  # every target ignored
+
+
+@pytest.mark.parametrize("case,inputs,message", [
+    (Case("logits", N=4, V=8), {"logits": torch.randn(4, 8)},
+     "case logits N=4 V=8 float32 mean: inputs have no 'targets' (got ['logits'])"),
+    (Case("linear", N=4, V=8, H=3), {"hidden": torch.randn(4, 2), "weight": torch.randn(8, 2), "targets": LONG},
+     "case linear N=4 V=8 H=3 float32 mean: H is 2, the case says 3"),
+    (Case("linear", N=4, V=8, H=3), {"hidden": torch.randn(4, 3), "weight": torch.randn(9, 3), "targets": LONG},
+     "case linear N=4 V=8 H=3 float32 mean: inputs are N=4, V=9, the case says N=4, V=8"),
+    (Case("linear", N=4, V=8, H=3, dtype="float16"),
+     {"hidden": torch.randn(4, 3), "weight": torch.randn(8, 3), "targets": LONG},
+     "case linear N=4 V=8 H=3 float16 mean: inputs are torch.float32, the case says float16"),
+    (Case("logits", N=4, V=8), {"logits": torch.randn(4, 9), "targets": LONG},
+     "case logits N=4 V=8 float32 mean: inputs are N=4, V=9, the case says N=4, V=8"),
+    (Case("logits", N=4, V=8), {"logits": torch.randn(4, 8), "targets": torch.tensor([0, 1, 2, 8])},
+     "1 target(s) outside [0, V=8) and not ignore_index=-100: targets[3]=8"),
+    (Case("logits", N=4, V=8), {"logits": torch.randn(4, 8), "targets": torch.tensor([0, 1, -1, 3])},
+     "1 target(s) outside [0, V=8) and not ignore_index=-100: targets[2]=-1"),
+])
+def test_every_case_mismatch_is_named_exactly(case, inputs, message):
+    with pytest.raises(InputError) as err:
+        check_inputs(case, inputs)
+    assert str(err.value) == message
+
+
+def test_check_inputs_takes_the_ignore_index_and_autocast_inputs():
+    case = Case("logits", N=4, V=8)
+    check_inputs(case, {"logits": torch.randn(4, 8), "targets": torch.tensor([0, -1, 1, 2])}, ignore_index=-1)
+    autocast = Case("linear", N=4, V=8, H=3, dtype="autocast-bfloat16")  # float32 inputs under autocast
+    check_inputs(autocast, make_inputs(autocast, "cpu"))
+    assert issubclass(InputError, CaseError)
