@@ -208,6 +208,8 @@ def scale_rows_(buf: torch.Tensor, factor: torch.Tensor, config=None) -> torch.T
     n_rows, n_cols = buf.shape
     if n_rows == 0 or n_cols == 0:
         return buf
+    if buf.stride(1) != 1:  # the kernel walks rows of unit column stride; anything else is scaled by torch
+        return buf.mul_(factor.detach().to(buf.device, torch.float32).reshape(-1, 1) if factor.dim() else factor)
     factor = factor.detach().to(device=buf.device, dtype=torch.float32).contiguous()
     plan = plan_launch(n_rows, n_cols, 0, buf.device, select_config(config))
     mis, aligned = _geometry(buf)

@@ -110,6 +110,12 @@ def chunk_logits(hidden, weight_c, compute_dtype):
         yield sl, h, h @ weight_c.T
 
 
+def new_grad(x: torch.Tensor) -> torch.Tensor:
+    """A row-major buffer for x's gradient, whatever x's layout: the backward scales it row by row with a
+    kernel that assumes unit column stride (empty_like would copy a column-major input's strides)."""
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device)
+
+
 def backprop_chunk(logits, h, weight_c, sl, grad_hidden, grad_weight) -> None:
     """logits holds dLoss/dlogits: add its share to grad_hidden (its rows) and grad_weight."""
     if grad_hidden is not None:
@@ -145,7 +151,7 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
             else:
                 row_loss = torch.empty(hidden.shape[0], device=hidden.device, dtype=torch.float32)
                 row_z = torch.empty_like(row_loss)
-                grad_hidden = torch.empty_like(hidden) if need_h else None
+                grad_hidden = new_grad(hidden) if need_h else None
                 grad_weight = torch.zeros(weight.shape, device=weight.device, dtype=torch.float32) if need_w else None
                 for sl, h, logits in chunk_logits(hidden, weight_c, compute_dtype):
                     row_loss[sl], row_z[sl] = fused.fused_ce_rows(
@@ -176,7 +182,7 @@ def recompute_grads(ctx, grad_rows):
     reduction, compute_dtype, ignore_index, opts, _ = ctx.spec
     hidden, weight, targets = ctx.saved_tensors
     need_h, need_w = ctx.needs_input_grad[:2]
-    grad_hidden = torch.empty_like(hidden) if need_h else None
+    grad_hidden = new_grad(hidden) if need_h else None
     grad_weight = torch.zeros(weight.shape, device=weight.device, dtype=torch.float32) if need_w else None
     n_valid = (targets != ignore_index).sum()
     with torch.autocast(hidden.device.type, enabled=False):
