@@ -217,6 +217,19 @@ def cmd_conformance(args) -> int:
     return EXIT_IMPL_FAILED if any(r["status"] in ("differs", "error") for r in rows) else EXIT_OK
 
 
+def cmd_train_check(args) -> int:
+    from cebench import train_check  # matplotlib and the training model: only for this command
+
+    device = _check_device(args.device or detect_device())
+    _load_impls(args.plugin)
+    try:
+        return train_check.command(args, registry.select(_split(args.impl)), device, log=stderr_log)
+    except ValueError as exc:  # bad sizes (CaseError, a bad --dtype, is reported by main)
+        if isinstance(exc, CaseError):
+            raise
+        raise UsageError(str(exc)) from exc
+
+
 def _positive_int(text: str) -> int:
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
@@ -273,6 +286,11 @@ def parser() -> argparse.ArgumentParser:
     con.add_argument("--no-isolate", action="store_true", help="run in this process (debugging)")
     con.add_argument("--out", help="folder for conformance.md/.csv (default: reports/conformance/<time>-<device>/)")
     con.set_defaults(func=cmd_conformance)
+    tc = sub.add_parser("train-check", help="train a tiny LM with each implementation as its loss; flag drifting ones")
+    from cebench.train_check import add_arguments as train_check_arguments
+
+    train_check_arguments(tc)
+    tc.set_defaults(func=cmd_train_check)
     return p
 
 
