@@ -84,10 +84,16 @@ def test_each_crash_is_recorded_with_its_cause_for_every_case(crash_run, impl):
         assert set(rows[rows["metric"] == "time"]["mode"]) == set(MODES)  # every mode has a row
 
 
-def test_segfault_reason_points_at_the_plugin_line(crash_run):
+@pytest.mark.parametrize("impl,signal_name,statement", [("crash_segfault", "SIGSEGV", "ctypes.string_at(0)"),
+                                                        ("crash_abort", "SIGABRT", "os.abort()")])
+def test_segfault_and_abort_reasons_point_at_the_plugin_line(crash_run, impl, signal_name, statement):
+    """faulthandler's traceback names the plugin's file and the line that crashed, for a real segfault
+    (a null pointer read through ctypes) as for an abort."""
     _, frame = crash_run
-    reason = frame[(frame["impl"] == "crash_abort") & (frame["metric"] == "agreement")].iloc[0]["reason"]
-    assert "crash_abort.py:" in reason
+    lines = (PLUGINS / f"{impl}.py").read_text().splitlines()
+    line = next(i for i, text in enumerate(lines, 1) if text.strip() in (statement, f"return {statement}"))
+    for reason in frame[(frame["impl"] == impl) & (frame["metric"] == "agreement")]["reason"]:
+        assert f"signal {signal_name}" in reason and f"{impl}.py:{line}" in reason, reason
 
 
 def test_correct_implementation_keeps_all_its_rows(crash_run):
@@ -123,37 +129,38 @@ modes = ["forward"]
 
 
 def test_resume_after_sigkill_redoes_only_unfinished_cells(tmp_path):
+    """Killed at a known point (tests/plugins/blocks_once.py blocks in the second cell's timed mode, after its
+    check rows are written): one cell finished, one half written, one not started. No race with the clock."""
     (tmp_path / "resume.toml").write_text(SLOW)
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    args = [sys.executable, "-m", "cebench", "run", "--suite", tmp_path / "resume.toml", "--impl", "torch",
-            "--out", tmp_path, "--no-report", "--no-isolate"]
-    proc = subprocess.Popen(list(map(str, args)), cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 300
-    results = None
-    while time.monotonic() < deadline and proc.poll() is None:  # kill it once the first cell is finished
-        found = list(tmp_path.glob("*/results.csv"))
-        if found and found[0].read_text().count(",forward,time,") >= 1:
-            results = found[0]
-            break
-        time.sleep(0.05)
-    if proc.poll() is not None:
-        pytest.skip("the run finished before it could be killed")
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    marker = tmp_path / "blocked"
+    env = {**os.environ, "TRITON_INTERPRET": "1", "CEBENCH_TEST_BLOCK": str(marker)}
+    args = [sys.executable, "-m", "cebench", "run", "--suite", tmp_path / "resume.toml", "--impl", "blocks_once",
+            "--plugin", PLUGINS / "blocks_once.py", "--out", tmp_path, "--no-report", "--no-isolate"]
+    with open(tmp_path / "stderr.txt", "w") as stderr:
+        proc = subprocess.Popen(list(map(str, args)), cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=stderr)
+        deadline = time.monotonic() + 300
+        while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert marker.exists(), f"the run never reached the blocking call: {(tmp_path / 'stderr.txt').read_text()[-2000:]}"
+    results = next(tmp_path.glob("*/results.csv"))
     before = read_results(results.parent)
-    finished_before = set(before[before["metric"] == "time"]["case"])
-    assert 1 <= len(finished_before) < 3
+    assert set(before[before["metric"] == "time"]["case"]) == {"logits N=16 V=33 float32 mean"}
+    assert set(before[before["metric"] == "agreement"]["case"]) == {"logits N=16 V=33 float32 mean",
+                                                                    "logits N=24 V=33 float32 mean"}
     kept = results.read_text().splitlines()[1:]
-    done = cebench_cli("run", "--resume", results.parent)
+    done = cebench_cli("run", "--resume", results.parent)  # without CEBENCH_TEST_BLOCK: does not block
     assert done.returncode == 0, done.stderr
-    assert f"resuming: {len(finished_before)} of 3 cell(s) already finished" in done.stderr
+    assert "resuming: 1 of 3 cell(s) already finished" in done.stderr
     after = read_results(results.parent)
     checks = after[after["metric"] == "agreement"]
     assert sorted(checks["case"]) == sorted(set(checks["case"])) and len(checks) == 3  # each cell once
-    assert len(after[after["metric"] == "time"]) == 3
+    assert len(after[after["metric"] == "time"]) == 3 and (after["status"] == "ok").all()
+    assert not after.duplicated(["impl", "case", "mode", "metric"]).any()  # the half-written cell's rows were dropped
     text = results.read_text()
-    for line in kept:  # rows of cells finished before the kill are kept as they were
-        if any(case in line for case in finished_before):
+    for line in kept:  # the finished cell's rows are kept as they were
+        if "N=16" in line:
             assert line in text
 
 
