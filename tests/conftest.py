@@ -1,4 +1,10 @@
-"""Shared test set-up: the Triton interpreter on CPU, and the registry loaded once."""
+"""Shared test set-up: the Triton interpreter on CPU, the registry loaded once, and the list of skips.
+
+Every skip is listed at the end of a run with its reason. On CI (.ci/run sets CEBENCH_CI=1) the
+only skips allowed are the GPU-only ones, whose reason says "CUDA-only" (a peer that needs a GPU:
+cce, quack); any other skip makes the run fail, so a missing test dependency cannot turn into
+a silent skip there.
+"""
 
 import os
 
@@ -13,7 +19,46 @@ import pytest  # noqa: E402
 
 from cebench import registry  # noqa: E402
 
+ON_CI = os.environ.get("CEBENCH_CI") == "1"
+ALLOWED_ON_CI = "CUDA-only"  # the words a skip's reason must carry to be allowed on CI
+_skips: list[tuple[str, str]] = []  # (test id, reason)
+
 
 @pytest.fixture(scope="session")
 def impls():
     return registry.load_all()
+
+
+def _record_skip(report) -> None:
+    if report.skipped and not hasattr(report, "wasxfail"):  # an xfail is reported as skipped too
+        longrepr = report.longrepr
+        reason = longrepr[2] if isinstance(longrepr, tuple) else str(longrepr)
+        _skips.append((report.nodeid, reason.removeprefix("Skipped: ")))
+
+
+def pytest_runtest_logreport(report):
+    _record_skip(report)
+
+
+def pytest_collectreport(report):
+    _record_skip(report)  # a whole module skipped while it was collected
+
+
+def _not_allowed() -> list[tuple[str, str]]:
+    return [(test, reason) for test, reason in _skips if ALLOWED_ON_CI not in reason] if ON_CI else []
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _not_allowed() and exitstatus == pytest.ExitCode.OK:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    if not _skips:
+        return
+    terminalreporter.section(f"{len(_skips)} skipped" + (" (CI allows only CUDA-only ones)" if ON_CI else ""))
+    bad = set(_not_allowed())
+    for test, reason in _skips:
+        terminalreporter.write_line(f"{'NOT ALLOWED ON CI: ' if (test, reason) in bad else ''}{test}: {reason}")
+    if bad:
+        terminalreporter.write_line(f"{len(bad)} skip(s) not allowed on CI: the run fails", red=True)

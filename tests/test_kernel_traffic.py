@@ -14,11 +14,9 @@ import sys
 import numpy as np
 import pytest
 import torch
+from triton.runtime import interpreter
 
 from cebench.cases import IGNORE_INDEX
-
-pytest.importorskip("triton")
-from triton.runtime import interpreter  # noqa: E402
 
 
 @pytest.fixture(scope="module")

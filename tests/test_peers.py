@@ -68,9 +68,12 @@ def _params():
 
 
 def _skip_unless_runnable(impl, case=None):
+    """These tests run on the CPU: a CUDA-only peer (cce) is skipped with its reason; any other peer is a test
+    dependency and must run (a missing install fails, it is not skipped)."""
+    if "cpu" not in impl.devices:
+        pytest.skip(f"{impl.name}: a CUDA-only peer, checked by GPU runs ({impl.unavailable_reason() or 'cuda'})")
     reason = impl.unavailable_reason() or (case and impl.unsupported_reason(case, "cpu"))
-    if reason:
-        pytest.skip(f"{impl.name}: {reason}")
+    assert not reason, f"{impl.name}: {reason} (the test dependencies: pip install -e '.[test]')"
 
 
 def _run(impl, case):
@@ -152,8 +155,6 @@ def test_torch_linear_stays_on_the_chunked_path():
 
 
 def test_cce_has_no_label_smoothing_or_z_loss():
-    if IMPLS["cce_torch_compile"].unavailable_reason():
-        pytest.skip(IMPLS["cce_torch_compile"].unavailable_reason())
     from cut_cross_entropy import linear_cross_entropy
 
     params = set(inspect.signature(linear_cross_entropy).parameters)
@@ -165,12 +166,21 @@ def test_cce_has_no_label_smoothing_or_z_loss():
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the limitation is the Triton interpreter's, used only without CUDA")
 def test_liger_interpreter_limits_are_declared():
-    """Without CUDA, Liger's softcap and its bf16 logits backward do not work in the Triton
-    interpreter; the declaration leaves them out rather than let a run fail or disagree."""
+    """Without CUDA, Liger's softcap and its bf16 logits backward do not work in the Triton interpreter
+    (impls/liger.py says why); the declaration leaves them out rather than let a run fail or disagree."""
+    from triton.runtime.errors import InterpreterError
+
     impl = IMPLS["liger"]
-    _skip_unless_runnable(impl)
+    assert impl.unavailable_reason() is None  # a test dependency, and the interpreter is on
     assert not impl.softcap and "bfloat16" not in impl.dtypes
     case = Case("logits", N=4, V=33)
     inputs = make_inputs(case, "cpu")
-    with pytest.raises(Exception, match="to"):
-        impl.fn(inputs["logits"], inputs["targets"], reduction="mean", softcap=5.0)
+    # the kernel calls `softcap.to(tl.float32)` and the interpreter hands it a Python float
+    with pytest.raises(InterpreterError, match="'float' object has no attribute 'to'"):
+        impl.fn(inputs["logits"].clone(), inputs["targets"], reduction="mean", softcap=5.0)
+    # bf16: the backward multiplies two bf16 values on their raw bits in the interpreter
+    logits = inputs["logits"].bfloat16().requires_grad_()
+    impl.fn(logits, inputs["targets"], reduction="mean").backward(torch.tensor(0.75, dtype=torch.bfloat16))
+    exact = inputs["logits"].double().requires_grad_()
+    torch.nn.functional.cross_entropy(exact, inputs["targets"]).backward(torch.tensor(0.75, dtype=torch.float64))
+    assert float(exact.grad.abs().max()) < 1 and float(logits.grad.float().abs().max()) > 1e6  # garbage, not rounding
