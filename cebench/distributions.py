@@ -24,6 +24,9 @@ negligible, as Cut Cross-Entropy does, almost never can with flat logits). Each 
 ZIPF_EXPONENT and CONTEXT_STD were chosen (at V = 32000) so that the logits' spread matches the
 Gaussian inputs (std ~2.1 per row) and the head is calibrated like a trained model (mean entropy
 2.6 nats ~ mean loss 2.5); the mean top-1 probability is then ~0.45 and the top-10 mass ~0.8.
+Measured at N=1024, V=32000 (float64, both families): mean loss 2.499, and 84% of the 128 x 128
+(rows x vocabulary) blocks of the logits gradient lie below 2^-12 everywhere, the threshold under
+which Cut Cross-Entropy skips a block; for Gaussian logits (loss 12.5), 0%.
 
 The linear family gets hidden states and weights whose product is such logits (up to a small
 cross-talk): a random unit "frequency direction" d carries the prior (w_j = prior_j / sqrt(H) * d
