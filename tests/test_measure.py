@@ -148,3 +148,135 @@ def test_setup_path_flushes_before_every_call_and_takes_min_repeats(monkeypatch)
     for i in calls:  # setup, then the flush, then the timed call between two events
         assert FakeEvent.log[i - 3:i] == ["setup", "flush", "record"] and FakeEvent.log[i + 1] == "record"
     assert len(setups) == len(calls) >= 7 + 1  # warm-up calls get a fresh setup too
+
+
+# -- the CUDA paths' arithmetic, exactly ------------------------------------------------------------------
+class RecordingDoBench(FakeDoBench):
+    def __call__(self, fn, warmup=25, rep=100, grad_to_none=None, quantiles=None, return_mode="mean"):
+        self.fns = [*getattr(self, "fns", []), fn]
+        return super().__call__(fn, warmup, rep, grad_to_none, quantiles, return_mode)
+
+
+@pytest.mark.parametrize("call_ms,expected_reps", [(0.5, [100.0]), (150.0, [100.0, 720.0]),
+                                                   (40.0, [100.0, 144.0])])
+def test_do_bench_is_asked_again_for_exactly_the_time_missing(monkeypatch, call_ms, expected_reps):
+    """A follow-up call asks for (samples missing) x median x 1.2 ms, without warm-up, until min_repeats are in."""
+    import triton.testing
+
+    fake = RecordingDoBench(call_ms)
+    monkeypatch.setattr(triton.testing, "do_bench", fake)
+
+    def fn():
+        return None
+
+    timing = time_callable(fn, "cuda", TimingPlan(min_repeats=5, cuda_warmup_ms=25.0, cuda_rep_ms=100.0))
+    assert [c["rep"] for c in fake.calls] == pytest.approx(expected_reps)
+    assert [c["warmup"] for c in fake.calls] == [25.0] + [0] * (len(expected_reps) - 1)
+    assert all(f is fn for f in fake.fns)
+    assert len(timing.samples_ms) == (200 if call_ms == 0.5 else 5) and set(timing.samples_ms) == {call_ms}
+
+
+class TimedEvent:
+    """torch.cuda.Event as CUDA has it: elapsed_time needs enable_timing on both events; every call lasts call_ms."""
+
+    call_ms = 2.0
+
+    def __init__(self, enable_timing=False):
+        self.enable_timing = enable_timing
+
+    def record(self):
+        pass
+
+    def elapsed_time(self, other):
+        if not (self.enable_timing is True and other.enable_timing is True):
+            raise RuntimeError("Both events must be created with argument 'enable_timing=True'")
+        return TimedEvent.call_ms
+
+
+@pytest.mark.parametrize("call_ms,warmup_ms,rep_ms,max_repeats,calls", [
+    (2.0, 10.0, 30.0, 50, 1 + 5 + 15),  # warm-up 10/2 calls, then 30/2 timed
+    (2.0, 0.0, 30.0, 50, 1 + 1 + 15),  # at least one warm-up call
+    (2.0, 10.0, 1000.0, 4, 1 + 5 + 20),  # at most 5 x max_repeats timed calls
+    (2.0, 10.0, 4.0, 50, 1 + 5 + 7),  # at least min_repeats (7)
+    (0.5, 10.0, 30.0, 500, 1 + 20 + 60),  # a call below 1 ms is not rounded up
+    (0.0, 0.01, 0.02, 500, 1 + 10 + 20),  # a call of 0 ms counts as 1 µs
+])
+def test_setup_path_counts_warm_up_and_timed_calls(monkeypatch, call_ms, warmup_ms, rep_ms, max_repeats, calls):
+    TimedEvent.call_ms = call_ms
+    monkeypatch.setattr(torch.cuda, "Event", TimedEvent)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
+    monkeypatch.setattr(measure, "l2_flush_buffer", FakeFlush)
+    states = []
+    plan = TimingPlan(min_repeats=7, max_repeats=max_repeats, cuda_warmup_ms=warmup_ms, cuda_rep_ms=rep_ms)
+    timing = time_callable(states.append, "cuda", plan, setup=object)
+    assert len(states) == calls and len(set(map(id, states))) == calls  # each call gets its own setup's state
+    assert all(type(s) is object for s in states)
+    assert set(timing.samples_ms) == {call_ms}
+    timed = calls - 1 - max(1, int(warmup_ms / max(call_ms, 1e-3)))
+    assert len(timing.samples_ms) == timed
+
+
+def test_l2_flush_buffer_is_256_mib_of_bytes_on_the_gpu(monkeypatch):
+    asked = {}
+    monkeypatch.setattr(measure.torch, "empty", lambda size, **kw: asked.update(size=size, **kw) or "buffer")
+    assert measure.l2_flush_buffer() == "buffer"
+    assert asked == {"size": 256 * MiB, "dtype": torch.int8, "device": "cuda"}
+
+
+class FakeAllocator:
+    """torch.cuda's memory counters over a fake allocation log."""
+
+    def __init__(self, base):
+        self.allocated, self.peak, self.log = base, base, []
+
+    def alloc(self, nbytes):
+        self.allocated += nbytes
+        self.peak = max(self.peak, self.allocated)
+
+    def install(self, monkeypatch):
+        monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: self.log.append("sync"))
+        monkeypatch.setattr(torch.cuda, "memory_allocated", lambda *a: self.allocated)
+        monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda *a: self.peak)
+        monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda *a: setattr(self, "peak", self.allocated))
+
+
+def test_cuda_peak_counts_what_setup_keeps_but_not_what_was_there(monkeypatch):
+    gpu = FakeAllocator(base=1000)
+    gpu.install(monkeypatch)
+
+    def setup():
+        gpu.alloc(500)  # transient: freed before the call
+        gpu.alloc(-500)
+        gpu.alloc(30)  # kept for the call
+        return "state"
+
+    def fn(state):
+        assert state == "state"
+        gpu.alloc(50)
+        gpu.alloc(-50)
+
+    memory = peak_memory(fn, "cuda:0", inputs_bytes=7, setup=setup)
+    assert (memory.peak_bytes, memory.inputs_bytes) == (80, 7)
+    assert gpu.log == ["sync"] * 3
+    freed = FakeAllocator(base=1000)
+    freed.install(monkeypatch)
+    assert peak_memory(lambda _: freed.alloc(-200), "cuda", 0, setup=lambda: None).peak_bytes == 0  # never below 0
+    seen = []
+    assert peak_memory(seen.append, "cuda", 0).peak_bytes == 0 and seen == [None]  # no setup: fn(None)
+
+
+def test_cpu_timing_stops_at_min_time(monkeypatch):
+    clock = iter(x * 0.5 for x in range(1000))  # every reading of the clock is 0.5 s after the last
+    monkeypatch.setattr(measure.time, "perf_counter", lambda: next(clock))
+    timing = time_callable(lambda: None, "cpu", TimingPlan(warmup=0, min_repeats=1, max_repeats=100, min_time_s=3.0))
+    # began at 0; samples (0.5, 1.0) and (1.5, 2.0), checked at 1.5 and 3.0: stop when 3.0 s have passed
+    assert timing.samples_ms == [500.0, 500.0]
+
+
+def test_stderr_is_quiet_inside_and_restored_after(capfd):
+    import os
+
+    with measure._quiet_stderr():
+        os.write(2, b"kineto noise\n")
+    os.write(2, b"after\n")
+    assert capfd.readouterr().err == "after\n"
