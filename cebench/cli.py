@@ -1,4 +1,4 @@
-"""Command line: `python -m cebench run | list | report | compare`.
+"""Command line: `python -m cebench run | list | report | compare | conformance | estimate | train-check`.
 
 Exit codes: 0 all good; 1 an implementation failed, crashed, ran out of memory or time,
 disagreed with the reference or broke its declaration (e.g. mutated its inputs), or for
