@@ -88,10 +88,15 @@ def _local_target(logits: torch.Tensor, targets: torch.Tensor, vocab_start: int,
 
 
 def _allreduce_stats(logits, targets, vocab_start, ignore_index, group):
-    """(x in fp32, global row max, exp(x - max), global sum-exp, target logit - max, safe column, hit)."""
+    """(exp(x - max) in fp32, global sum-exp, target logit - max (NaN for a target outside [0, V)), safe column,
+    hit, bad)."""
     x = logits.float()
     local_max = x.amax(dim=1) if x.shape[1] else x.new_full((x.shape[0],), float("-inf"))
-    row_max = _all_reduce(local_max, dist.ReduceOp.MAX, group)
+    # the row maxima travel with one more float: this shard's end, whose maximum over the ranks is V, so a
+    # target no shard holds (>= V, or negative and not ignored) is seen on the device, with no host sync
+    packed = _all_reduce(torch.cat([local_max, x.new_tensor([vocab_start + x.shape[1]])]), dist.ReduceOp.MAX, group)
+    row_max, vocab = packed[:-1], packed[-1]
+    bad = (targets != ignore_index) & ((targets < 0) | (targets >= vocab))
     exps = (x - row_max.unsqueeze(1)).exp_()
     sum_exp = _all_reduce(exps.sum(dim=1), dist.ReduceOp.SUM, group)
     safe, hit = _local_target(logits, targets, vocab_start, ignore_index)
@@ -100,7 +105,7 @@ def _allreduce_stats(logits, targets, vocab_start, ignore_index, group):
     # is -inf (a masked vocabulary) the product -inf * 0 = NaN would reach every rank through the sum
     target_shifted = torch.where(hit, picked - row_max, 0.0)
     target_shifted = _all_reduce(target_shifted, dist.ReduceOp.SUM, group)
-    return exps, sum_exp, target_shifted, safe, hit
+    return exps, sum_exp, torch.where(bad, float("nan"), target_shifted), safe, hit, bad
 
 
 class _AllReduceCE(torch.autograd.Function):
@@ -108,10 +113,12 @@ class _AllReduceCE(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, targets, vocab_start, ignore_index, group, name):
-        probs, sum_exp, target_shifted, safe, hit = _allreduce_stats(logits, targets, vocab_start, ignore_index, group)
+        probs, sum_exp, target_shifted, safe, hit, bad = _allreduce_stats(logits, targets, vocab_start, ignore_index,
+                                                                          group)
         valid = targets != ignore_index
         rows = torch.where(valid, sum_exp.log() - target_shifted, 0.0)
         probs.div_(sum_exp.unsqueeze(1))  # kept for the backward: this is the N x V_local cost of the recipe
+        probs.masked_fill_(bad.unsqueeze(1), float("nan"))  # a bad target's row: NaN gradient, like its loss
         ctx.save_for_backward(probs, safe, hit, valid)
         ctx.dtype, ctx.name, ctx.used = logits.dtype, name, False
         return rows
@@ -130,7 +137,7 @@ class _AllReduceCE(torch.autograd.Function):
 
 def _allreduce_rows_no_grad(logits, targets, vocab_start, ignore_index, group) -> torch.Tensor:
     """Evaluation: the same three all-reduces, nothing kept."""
-    _, sum_exp, target_shifted, _, _ = _allreduce_stats(logits.detach(), targets, vocab_start, ignore_index, group)
+    _, sum_exp, target_shifted, _, _, _ = _allreduce_stats(logits.detach(), targets, vocab_start, ignore_index, group)
     return torch.where(targets != ignore_index, sum_exp.log() - target_shifted, 0.0)
 
 

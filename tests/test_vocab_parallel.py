@@ -45,13 +45,23 @@ def test_single_process_agrees_with_reference(impls, family, name, reduction):
 
 def test_masked_column_on_a_rank_without_the_target_is_not_nan(impls):
     """A shard that does not hold the target reads its column 0; -inf there must not turn into -inf * 0 = NaN.
-    (One process stands for the rank without the target; at 2 and 4 ranks: cebench.conformance_vp. vp_fused, alone,
-    rightly calls a target that no shard holds invalid: NaN.)"""
+    (One process stands for the rank without the target; at 2 and 4 ranks: cebench.conformance_vp. A target that
+    no shard holds, here one >= 6, is invalid: NaN, tested below.)"""
     shard = torch.tensor([[float("-inf"), 1.0, 2.0], [0.5, float("-inf"), 0.0]])
-    targets = torch.tensor([7, 1])  # held by another rank: this one holds ids 3..5
+    targets = torch.tensor([0, 1])  # held by a lower rank (ids 0..2): this one holds ids 3..5
     rows = impls["vp_allreduce"].fn(shard, targets, reduction="none", vocab_start=3)
     expected = torch.logsumexp(shard, dim=1) - shard.amax(dim=1)  # log-sum-exp less the max, no target term
     assert torch.allclose(rows, expected), rows
+
+
+def test_allreduce_target_no_shard_holds_is_nan(impls):
+    """vp_allreduce learns V from the max all-reduce (each rank adds its shard's end): a target >= V, or negative
+    and not ignored, makes that row's loss and gradient NaN instead of a silent finite value."""
+    logits = torch.randn(4, 10, requires_grad=True)
+    rows = impls["vp_allreduce"].fn(logits, torch.tensor([1, 10, -3, -100]), reduction="none")
+    assert torch.isfinite(rows[0]) and rows[1].isnan() and rows[2].isnan() and rows[3] == 0
+    rows.nansum().backward()
+    assert logits.grad[1:3].isnan().all() and torch.isfinite(logits.grad[[0, 3]]).all()
 
 
 @pytest.mark.parametrize("scale", [1e3, 1e4, 1e5])
@@ -234,9 +244,9 @@ def test_two_gloo_ranks_agree_and_count_bytes(two_ranks):
         assert "rank 0:" in agreement.loc[(name, 2), "reason"] and "rank 1:" in agreement.loc[(name, 2), "reason"]
     assert agreement.loc[("vp_linear_allreduce", 4), "status"] == "skipped"  # world size 4 > --nproc 2
     comm = rows[(rows.metric == "comm_bytes") & (rows.ignore_frac < 1)].set_index("impl")["value"]
-    assert comm["vp_allreduce"] == 3 * 32 * 4  # three all-reduces of N fp32
+    assert comm["vp_allreduce"] == 3 * 32 * 4 + 4  # three all-reduces of N fp32, the max's carrying V too
     assert comm["vp_fused"] == 2 * 32 * 3 * 4  # one all-gather of (max, sum-exp, target) from 2 ranks
-    assert comm["vp_linear_allreduce"] == 3 * 32 * 4 + 32 * 16 * 4  # + the hidden gradient's all-reduce
+    assert comm["vp_linear_allreduce"] == 3 * 32 * 4 + 4 + 32 * 16 * 4  # + the hidden gradient's all-reduce
     times = rows[(rows.metric == "time") & (rows.status == "ok")]
     assert set(GOOD) <= set(times.impl) and (times.world_size == 2).all() and (times.value > 0).all()
     assert (times[times.impl != "vp_fused"].n >= 2).all()  # min_repeats (vp_fused: interpreted, timed once)
