@@ -227,6 +227,22 @@ def test_twice_the_rounding_error_scores_two():
     assert verdict.accuracy == pytest.approx(2.0) and verdict.row_accuracy == pytest.approx(2.0)
 
 
+def test_ten_times_the_rounding_error_fails_on_accuracy_alone():
+    """The hidden gradient of the linear family (no target figure) ten times as far off as its rounding, in the
+    same direction: every row 10x (under the row limit), no bias beyond the best's; only the accuracy limit sees it."""
+    case = Case("linear", N=16, V=40, H=12, dtype="bfloat16")
+    ref = _ref(case)
+    exact = {name: ref[name] for name in ("hidden", "weight")}
+    best = {name: torch.cat([b for _, _, b in ref.grad_rows(name, best=torch.bfloat16)]) for name in exact}
+    ten_times = exact["hidden"] + 10 * (best["hidden"] - exact["hidden"])
+    outputs = {"loss": ref.loss, "weight": best["weight"], "hidden": ten_times}
+    verdict = _by_name(compare(outputs, ref, case.dtype))["hidden"]
+    assert verdict.accuracy == pytest.approx(10.0) and verdict.row_accuracy == pytest.approx(10.0)
+    assert verdict.row_accuracy <= ROW_LIMIT and verdict.target_rel_err is None
+    assert not (abs(verdict.bias) > BIAS_LIMIT and abs(verdict.bias_t) > BIAS_T)
+    assert not verdict.ok
+
+
 def test_float32_yardstick_is_floored_by_float32_arithmetic():
     case = Case("logits", N=8, V=30)
     ref = _ref(case)
