@@ -174,8 +174,20 @@ def test_git_answers_or_none(monkeypatch, fake, expected):
     assert results._git("rev-parse", "HEAD") == expected
 
 
-def test_git_runs_in_the_repository():
-    assert results._git("rev-parse", "--show-toplevel") == str(results.REPO)
+def test_git_runs_in_the_repository(monkeypatch):
+    seen = {}
+    monkeypatch.setattr(subprocess, "run", lambda args, **kw: seen.update(args=args, **kw) or _fake_run(0, "x\n")())
+    assert results._git("status", "--porcelain") == "x"
+    assert seen == {"args": ["git", "status", "--porcelain"], "cwd": results.REPO, "capture_output": True, "text": True,
+                    "timeout": 10}
+
+
+def test_driver_query(monkeypatch):
+    seen = {}
+    monkeypatch.setattr(subprocess, "run", lambda args, **kw: seen.update(args=args, **kw) or _fake_run(0, "1\n")())
+    assert results._nvidia_driver() == "1"
+    assert seen == {"args": ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                    "capture_output": True, "text": True, "timeout": 10}
 
 
 @pytest.mark.parametrize("fake,expected", [
