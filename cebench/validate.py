@@ -38,7 +38,7 @@ def check_tensors(*, targets: torch.Tensor, logits: torch.Tensor | None = None, 
         if logits.dim() != 2:
             raise InputError(f"logits must be 2-D [N, V], got shape {tuple(logits.shape)}")
         n, v = logits.shape
-        floats = [("logits", logits)]
+        floats = [logits]
     else:
         _float_tensor("hidden", hidden)
         _float_tensor("weight", weight)
@@ -53,11 +53,11 @@ def check_tensors(*, targets: torch.Tensor, logits: torch.Tensor | None = None, 
             raise InputError(f"H must be positive, got {h}")
         if hidden.dtype != weight.dtype:
             raise InputError(f"hidden and weight must share a dtype, got {hidden.dtype} and {weight.dtype}")
-        floats = [("hidden", hidden), ("weight", weight)]
+        floats = [hidden, weight]
     if v <= 0:  # N = 0 (an empty batch) is valid input, as for F.cross_entropy
         raise InputError(f"V must be positive, got N={n}, V={v}")
     _check_targets(targets, n, v, ignore_index)
-    devices = {t.device for _, t in floats} | {targets.device}
+    devices = {t.device for t in floats} | {targets.device}
     if len(devices) > 1:
         raise InputError(f"inputs are on different devices: {sorted(str(d) for d in devices)}")
     return n, v

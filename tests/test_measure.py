@@ -57,6 +57,13 @@ def test_cpu_timing_excludes_setup():
     assert max(samples) < 20  # a setup of 30 ms would show in every sample
 
 
+def test_cpu_timing_hands_each_call_a_fresh_setup_state():
+    states = []
+    timing = time_callable(states.append, "cpu", FAST, setup=object)
+    assert len(states) == FAST.warmup + len(timing.samples_ms) and len(set(map(id, states))) == len(states)
+    assert all(type(s) is object for s in states)
+
+
 def test_cpu_timing_takes_min_repeats_and_stops_at_max():
     calls = []
     timing = time_callable(lambda: calls.append(1), "cpu", TimingPlan(warmup=2, min_repeats=3, max_repeats=5,
@@ -157,8 +164,7 @@ class RecordingDoBench(FakeDoBench):
         return super().__call__(fn, warmup, rep, grad_to_none, quantiles, return_mode)
 
 
-@pytest.mark.parametrize("call_ms,expected_reps", [(0.5, [100.0]), (150.0, [100.0, 720.0]),
-                                                   (40.0, [100.0, 144.0])])
+@pytest.mark.parametrize("call_ms,expected_reps", [(0.5, [90.0]), (150.0, [90.0, 720.0]), (40.0, [90.0, 144.0])])
 def test_do_bench_is_asked_again_for_exactly_the_time_missing(monkeypatch, call_ms, expected_reps):
     """A follow-up call asks for (samples missing) x median x 1.2 ms, without warm-up, until min_repeats are in."""
     import triton.testing
@@ -169,11 +175,11 @@ def test_do_bench_is_asked_again_for_exactly_the_time_missing(monkeypatch, call_
     def fn():
         return None
 
-    timing = time_callable(fn, "cuda", TimingPlan(min_repeats=5, cuda_warmup_ms=25.0, cuda_rep_ms=100.0))
+    timing = time_callable(fn, "cuda", TimingPlan(min_repeats=5, cuda_warmup_ms=7.0, cuda_rep_ms=90.0))
     assert [c["rep"] for c in fake.calls] == pytest.approx(expected_reps)
-    assert [c["warmup"] for c in fake.calls] == [25.0] + [0] * (len(expected_reps) - 1)
+    assert [c["warmup"] for c in fake.calls] == [7.0] + [0] * (len(expected_reps) - 1)  # the plan's, not do_bench's
     assert all(f is fn for f in fake.fns)
-    assert len(timing.samples_ms) == (200 if call_ms == 0.5 else 5) and set(timing.samples_ms) == {call_ms}
+    assert len(timing.samples_ms) == (180 if call_ms == 0.5 else 5) and set(timing.samples_ms) == {call_ms}
 
 
 class TimedEvent:

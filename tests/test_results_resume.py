@@ -264,6 +264,29 @@ def test_only_cells_with_their_agreement_and_every_mode_are_finished(tmp_path):
     assert finished_cells(run, _cells()) == {("torch", CASES[0].id)}  # idempotent
 
 
+def test_a_finished_run_is_kept_byte_for_byte(tmp_path):
+    writer = RunWriter(tmp_path)
+    for case in CASES:
+        for row in (_cell(case.id, "torch", "check", "agreement"), *(_cell(case.id, "torch", m) for m in MODES)):
+            writer.write_row({**row, "reason": "two lines:\r\nkept as written, \"quoted\", a,b"})
+        writer.write_samples({"impl": "torch", "case": case.id, "mode": "forward"}, [1.0])
+    writer.close()
+    before = {name: (tmp_path / name).read_bytes() for name in ("results.csv", "samples.jsonl")}
+    assert finished_cells(tmp_path, _cells()) == {("torch", c.id) for c in CASES}
+    assert {name: (tmp_path / name).read_bytes() for name in before} == before
+
+
+def test_a_broken_sample_line_anywhere_is_dropped_and_the_rest_kept(tmp_path):
+    writer = RunWriter(tmp_path)
+    for row in (_cell(CASES[0].id, "torch", "check", "agreement"), *(_cell(CASES[0].id, "torch", m) for m in MODES)):
+        writer.write_row(row)
+    writer.close()
+    good = json.dumps({"impl": "torch", "case": CASES[0].id, "mode": "forward", "samples_ms": [1.0]})
+    (tmp_path / "samples.jsonl").write_text(f'{good}\n{{"impl": "tor\n{good}\n')
+    finished_cells(tmp_path, _cells())
+    assert (tmp_path / "samples.jsonl").read_text() == f"{good}\n{good}\n"
+
+
 def test_a_cell_without_its_agreement_row_is_not_finished(tmp_path):
     writer = RunWriter(tmp_path)
     for mode in MODES:

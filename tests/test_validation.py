@@ -184,6 +184,9 @@ def test_a_custom_ignore_index_is_accepted_and_the_sizes_returned():
     assert check_tensors(hidden=torch.randn(5, 3), weight=torch.randn(9, 3), targets=torch.zeros(5, dtype=torch.int32)) \
         == (5, 9)
     assert check_tensors(logits=_logits(5), targets=torch.tensor([-100] * 5)) == (5, 8)  # every target ignored
+    assert check_tensors(logits=torch.randn(3, 1), targets=torch.zeros(3, dtype=torch.long)) == (3, 1)  # V=1
+    assert check_tensors(hidden=torch.randn(3, 1), weight=torch.randn(1, 1), targets=torch.zeros(3, dtype=torch.long)) \
+        == (3, 1)  # H=1 and V=1
 
 
 @pytest.mark.parametrize("case,inputs,message", [
@@ -212,6 +215,11 @@ def test_every_case_mismatch_is_named_exactly(case, inputs, message):
 def test_check_inputs_takes_the_ignore_index_and_autocast_inputs():
     case = Case("logits", N=4, V=8)
     check_inputs(case, {"logits": torch.randn(4, 8), "targets": torch.tensor([0, -1, 1, 2])}, ignore_index=-1)
+    linear = Case("linear", N=4, V=8, H=3)
+    inputs = {"hidden": torch.randn(4, 3), "weight": torch.randn(8, 3), "targets": torch.tensor([0, -1, 1, 2])}
+    check_inputs(linear, inputs, ignore_index=-1)
+    with pytest.raises(InputError, match="not ignore_index=-100: targets"):
+        check_inputs(linear, inputs)
     autocast = Case("linear", N=4, V=8, H=3, dtype="autocast-bfloat16")  # float32 inputs under autocast
     check_inputs(autocast, make_inputs(autocast, "cpu"))
     assert issubclass(InputError, CaseError)
