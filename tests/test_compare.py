@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import math
 import random
 from pathlib import Path
 
+import pandas as pd
 import pytest
 from test_report import write_run
 
@@ -105,7 +107,13 @@ def test_too_few_samples_on_either_side():
     assert compare.significance([], [3.0, 4.0]) == ("too few samples", None)
     assert compare.significance([1.0, 2.0], [3.0, 4.0])[0] == "not significant"  # two each: judged (p = 1/3)
     assert compare.significance([2.0, 2.0, 2.0], [2.0, 2.0]) == ("not significant", 1.0)
-    assert compare.significance([2.0, 2.0], [3.0, 3.0])[0] == "not significant"  # constant but different: p = 1/3
+    # constant but different: judged (ties: the normal approximation, p = 0.19)
+    assert compare.significance([2.0, 2.0], [3.0, 3.0]) == ("not significant", pytest.approx(0.19393, abs=1e-5))
+
+
+def test_equal_medians_with_a_slower_spread_are_worse():
+    a, b = [1.0, 1.1, 1.2, 5.0, 5.0, 5.0, 5.0], [5.0, 5.0, 5.0, 5.0, 9.0, 9.1, 9.2]  # both medians 5.0
+    assert compare.significance(a, b) == ("worse", pytest.approx(0.023571, abs=1e-6))  # better only when B's is lower
 
 
 def test_read_samples_keys_by_impl_case_mode(tmp_path):
@@ -163,3 +171,45 @@ def test_markdown_rows_and_summary(tmp_path):
     assert row.endswith("| 0.100 | 5.000 | 50.000 | — | untrusted |")
     assert compare._num(None, ".3f") == compare._num(float("nan"), ".3f") == "—"
     assert compare._num(0.12345, ".3g") == "0.123"
+
+
+def test_one_untrusted_side_is_enough_and_missing_samples_are_too_few(tmp_path):
+    a = write_run(tmp_path, "a", {("logits", 1024, None, "torch"): {"ms": 2.0, "mib": 1.0, "samples": _samples(2.0)},
+                                  ("logits", 1024, None, "lean"): {"ms": 2.0, "mib": 1.0, "samples": _samples(2.0)}})
+    b = write_run(tmp_path, "b", {("logits", 1024, None, "torch"): {"ms": 2.0, "mib": 1.0, "trusted": False},
+                                  ("logits", 1024, None, "lean"): {"ms": 2.0, "mib": 1.0, "samples": _samples(3.0)}})
+    calls = _calls(compare.compare(b, a))
+    assert calls[("torch", "forward")]["call"] == "untrusted"  # trusted in one run only
+    assert calls[("lean", "forward")]["call"] == "better" and calls[("lean", "forward")]["p"] < 1e-4
+    assert _calls(compare.compare(b, a, alpha=1e-9))[("lean", "forward")]["call"] == "not significant"  # alpha is used
+    (Path(a) / "samples.jsonl").unlink()
+    assert _calls(compare.compare(b, a))[("lean", "forward")]["call"] == "too few samples"
+
+
+def test_markdown_of_a_known_table():
+    table = pd.DataFrame([
+        {"impl": "fast", "case": "c", "mode": "forward", "median_a": 2.0, "median_b": 1.0, "ratio": 0.5, "p": 1.234e-5,
+         "call": "better"},
+        {"impl": "slow", "case": "c", "mode": "backward", "median_a": 0.0, "median_b": 1.0, "ratio": math.inf,
+         "p": 0.03, "call": "worse"},
+        {"impl": "gone", "case": "c", "mode": "forward", "median_a": None, "median_b": None, "ratio": None, "p": None,
+         "call": "not measured (ok → oom)"},
+    ])
+    result = compare.Comparison(table, [("old", "c", "forward")], [], "A", "B")
+    assert compare.markdown(result, fail_pct=10) == """# cebench compare: A → B
+
+Ratio = median of B ÷ median of A (below 1: faster). Significance: two-sided Mann–Whitney U on the raw samples, p < 0.05.
+
+Summary: 1 better, 1 worse, 1 not measured (ok → oom)
+
+**1 significant regression(s) above 10%.**
+
+| implementation | case | mode | median A (ms) | median B (ms) | ratio | p | call |
+|---|---|---|---|---|---|---|---|
+| `fast` | c | forward | 2.000 | 1.000 | 0.500 | 1.23e-05 | **better** |
+| `slow` | c | backward | 0.000 | 1.000 | inf | 0.03 | **worse** |
+| `gone` | c | forward | — | — | — | — | not measured (ok → oom) |
+
+Only in A:
+- `old` c [forward]
+"""
