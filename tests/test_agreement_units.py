@@ -265,6 +265,7 @@ def test_one_wrong_row_is_named_and_judged_against_its_own_reference():
     got[row] = 0
     verdict = _by_name(compare({"loss": ref.loss, "logits": got}, ref, case.dtype))["logits"]
     assert verdict.worst_row == row and not verdict.ok
+    assert verdict.accuracy < verdict.row_accuracy / 4  # over the whole tensor one row of 64 is diluted
     exact = ref["logits"]
     best_row = float((exact[row].to(torch.bfloat16).double() - exact[row]).norm())
     typical = float(exact[row].norm()) * verdict.best_rel  # a row is never held to better than the tensor's level
@@ -279,6 +280,19 @@ def test_an_ignored_row_must_stay_zero():
     got[ignored, 5] = 1e-3  # tiny, but where the exact answer is exactly zero
     verdict = _by_name(compare({"loss": ref.loss, "logits": got}, ref, case.dtype))["logits"]
     assert verdict.worst_row == ignored and not verdict.ok
+    # judged against float32 arithmetic on a typical row: the reference's norm over the rows that are not zero
+    exact = ref["logits"]
+    typical = float(exact.norm()) / math.sqrt(int(ref.valid.sum()))
+    assert verdict.row_accuracy == pytest.approx(float(got[ignored, 5]) / (FP32_FLOOR * typical), rel=1e-6)
+    one_row = _ref(Case("logits", N=2, V=40, dtype="bfloat16"))  # one row that is not zero: typical = its norm
+    one_row.inputs["targets"][0] = IGNORE_INDEX
+    one_row.valid = one_row.inputs["targets"] != IGNORE_INDEX
+    one_row.row_scale[0] = 0
+    bad = one_row["logits"].to(torch.bfloat16)
+    bad[0, 5] = 1e-3
+    verdict = compare({"loss": one_row.loss, "logits": bad}, one_row, "bfloat16")[1]
+    assert verdict.row_accuracy == pytest.approx(float(bad[0, 5]) / (FP32_FLOOR * float(one_row["logits"].norm())),
+                                                 rel=1e-6)
 
 
 def test_all_zero_reference_is_judged_row_by_row():
@@ -286,7 +300,7 @@ def test_all_zero_reference_is_judged_row_by_row():
     case = Case("logits", N=4, V=1)
     ref = _ref(case)
     zero = _by_name(compare({"loss": ref.loss, "logits": torch.zeros(4, 1)}, ref, case.dtype))["logits"]
-    assert zero.ok and zero.accuracy == 0.0
+    assert zero.ok and zero.accuracy == 0.0 and zero.best_rel == FP32_FLOOR and zero.rel_err == 0.0
     scale = float(ref.row_scale.abs().max())
     small = torch.zeros(4, 1)
     small[2] = scale * 1e-3
@@ -296,7 +310,7 @@ def test_all_zero_reference_is_judged_row_by_row():
 
 
 def test_a_scaled_gradient_shows_as_a_significant_bias():
-    case = Case("logits", N=64, V=200, dtype="bfloat16")
+    case = Case("logits", N=64, V=200, dtype="bfloat16", ignore_frac=0.5)  # zero rows do not dilute the bias
     ref = _ref(case)
     scaled = (ref["logits"] * 1.01).to(torch.bfloat16)
     verdict = _by_name(compare({"loss": ref.loss, "logits": scaled}, ref, case.dtype))["logits"]
@@ -357,6 +371,7 @@ def test_target_columns():
     assert agreement._target_columns(ref, "logits", slice(1, 3), 0, 0, None).tolist() == [-1, 7]
     # a rank holding columns [3, 8): targets re-based to it, the others are not in this shard
     assert agreement._target_columns(ref, "logits", slice(0, 4), 1, 3, 8).tolist() == [0, -1, 4, -1]
+    assert agreement._target_columns(ref, "logits", slice(0, 4), 1, 3, 7).tolist() == [0, -1, -1, -1]  # 7: not held
     # a rank holding rows [1, 3): the chunk's rows that it holds, at full width
     assert agreement._target_columns(ref, "logits", slice(0, 4), 0, 1, 3).tolist() == [-1, 7]
 
@@ -405,3 +420,131 @@ def test_linear_weight_shards_take_rows_of_the_vocabulary():
     assert agreement._expected_shape(ref, "weight", case.V, 0, 5, 13) == (8, 8)
     assert agreement._expected_shape(ref, "hidden", case.N, 0, 0, None) == (6, 8)
     assert agreement._expected_shape(_ref(Case("logits", N=3, V=11)), "logits", 3, 1, 2, 6) == (3, 4)
+
+
+def test_streaming_in_chunks_does_not_change_a_figure():
+    """The per-row sums, the bias and the target figure accumulate over row chunks: one row a chunk gives the
+    figures of one chunk for all (a spoilt first chunk included)."""
+    case = Case("logits", N=24, V=60, dtype="bfloat16", ignore_frac=0.2)
+    whole, rowwise = _ref(case), _ref(case, chunk_elements=60)
+    got = whole["logits"].to(torch.bfloat16)
+    got[:3] = (whole["logits"][:3] * 1.03).to(torch.bfloat16)  # the first rows only
+    got[0, int(whole.inputs["targets"][0])] *= 1.1
+    one = compare({"loss": whole.loss, "logits": got}, whole, case.dtype)[1]
+    many = compare({"loss": whole.loss, "logits": got}, rowwise, case.dtype)[1]
+    for figure in ("accuracy", "row_accuracy", "rel_err", "best_rel", "bias", "bias_t", "target_accuracy",
+                   "target_rel_err", "max_abs_err"):
+        assert getattr(many, figure) == pytest.approx(getattr(one, figure), rel=1e-9), figure
+    assert one.bias > 0.5 and one.target_rel_err > 0.01 and many.worst_row == one.worst_row
+
+
+def test_the_figures_do_not_depend_on_the_gradient_scale():
+    """An upstream gradient of 2^-90 scales every entry exactly (bf16 keeps the mantissas): every figure is the same,
+    so nothing is summed where squares underflow."""
+    case = Case("logits", N=16, V=50, dtype="bfloat16", reduction="sum")
+    inputs = make_inputs(case, "cpu")
+    figures = []
+    for upstream in (1.0, 2.0**-90):
+        ref = reference(case, inputs, torch.tensor(upstream))
+        got = ref["logits"] + 3 * (ref["logits"].to(torch.bfloat16).double() - ref["logits"])
+        got[2, 7] *= 1.5
+        verdict = compare({"loss": ref.loss, "logits": got}, ref, case.dtype)[1]
+        figures.append((verdict.accuracy, verdict.row_accuracy, verdict.bias, verdict.target_accuracy))
+    assert figures[1] == pytest.approx(figures[0], rel=1e-9) and figures[0][0] > 1
+
+
+def test_bias_is_normalised_row_by_row():
+    """reduction none: one row's upstream 2^20 times the others' changes no row's excess in half-ulps."""
+    case = Case("logits", N=8, V=50, dtype="bfloat16", reduction="none")
+    inputs = make_inputs(case, "cpu")
+    biases = []
+    for first in (1.0, 2.0**20):
+        upstream = torch.ones(8)
+        upstream[0] = first
+        ref = reference(case, inputs, upstream)
+        exact = ref["logits"]
+        got = (exact * 1.02).to(torch.bfloat16)
+        verdict = compare({"loss": ref.loss, "logits": got}, ref, case.dtype)[1]
+        biases.append((verdict.bias, verdict.bias_t))
+    assert biases[1] == pytest.approx(biases[0], rel=1e-9)
+
+
+def test_a_nan_entry_is_infinitely_wrong_without_overflowing_the_bias():
+    case = Case("logits", N=8, V=30, dtype="bfloat16")
+    ref = _ref(case)
+    got = ref["logits"].to(torch.bfloat16)
+    got[3, 4] = math.nan
+    verdict = compare({"loss": ref.loss, "logits": got}, ref, case.dtype)[1]
+    assert not verdict.ok and verdict.accuracy == INF and verdict.worst_row == 3
+    assert verdict.bias > 1e140 and 0 < verdict.bias_t < 10  # capped at 1e150 half-ulps an entry, its square finite
+
+
+def test_rows_whose_reference_is_nan_add_nothing():
+    """A row of -inf logits with a valid target has a NaN loss and NaN gradient: an implementation returning the same
+    NaN there agrees; the other rows are judged as if it were not there, and the loss's yardstick ignores it."""
+    case = Case("logits", N=4, V=30, dtype="bfloat16", reduction="none")
+    inputs = make_inputs(case, "cpu")
+    inputs["logits"][1] = -math.inf
+    inputs["logits"][2, 3] = math.nan
+    ref = reference(case, inputs, torch.ones(4))
+    assert torch.isnan(ref.loss[1:3]).all() and torch.isnan(ref["logits"][1:3]).all()
+    got = ref["logits"].to(torch.bfloat16)
+    loss, grad = compare({"loss": ref.loss.to(torch.bfloat16), "logits": got}, ref, case.dtype)
+    assert loss.ok and grad.ok and grad.accuracy == pytest.approx(1.0)
+    finite = ref["logits"][[0, 3]]
+    assert grad.rel_err == pytest.approx(float((finite.to(torch.bfloat16).double() - finite).norm() / finite.norm()))
+    mean = reference(Case("logits", N=4, V=30, dtype="bfloat16"), inputs, torch.tensor(1.0))
+    assert torch.isnan(mean.loss)
+    agreed = compare({"loss": torch.tensor(math.nan)}, mean, "bfloat16")[0]
+    lse = mean.lse[[0, 3]].abs().sum() / 4  # the NaN and -inf rows' log-sum-exp count as 0 in the loss's scale
+    assert agreed.ok and agreed.accuracy == 0 and agreed.best_rel == pytest.approx(float(FP32_FLOOR * lse), rel=1e-9)
+
+
+def test_loss_scale_of_a_mean_over_one_row():
+    case = Case("logits", N=3, V=20, dtype="bfloat16")
+    inputs = make_inputs(case, "cpu")
+    inputs["targets"].copy_(torch.tensor([IGNORE_INDEX, 5, IGNORE_INDEX]))
+    ref = reference(case, inputs, torch.tensor(1.0))
+    allowed = half_ulp(ref.loss, torch.bfloat16) + FP32_FLOOR * (ref.loss.abs() + ref.lse[1].abs())
+    assert compare({"loss": ref.loss + 3 * allowed}, ref, case.dtype)[0].accuracy == pytest.approx(3.0)
+
+
+def test_a_coarser_returned_dtype_is_judged_in_its_own_precision():
+    case = Case("logits", N=8, V=30)
+    ref = _ref(case)
+    as_bf16 = ref["logits"].to(torch.bfloat16)  # a float32 case whose gradient comes back in bf16
+    verdict = compare({"loss": ref.loss, "logits": as_bf16}, ref, "float32")[1]
+    assert verdict.ok and verdict.accuracy == pytest.approx(1.0)
+    fp8 = ref["logits"].to(torch.float8_e5m2)  # a dtype the check has no mantissa for: judged in the case's
+    verdict = compare({"loss": ref.loss, "logits": fp8}, ref, "bfloat16")[1]
+    assert not verdict.ok and verdict.best_rel < 0.01
+
+
+def test_target_class_zero_and_int32_targets():
+    case = Case("logits", N=4, V=10, dtype="bfloat16")
+    inputs = make_inputs(case, "cpu")
+    inputs["targets"] = torch.tensor([0, 0, 3, 9], dtype=torch.int32)
+    ref = reference(case, inputs, torch.tensor(1.0))
+    got = ref["logits"].to(torch.bfloat16)
+    got[0, 0] *= 1.05  # only class 0's entry of row 0
+    verdict = compare({"loss": ref.loss, "logits": got}, ref, case.dtype)[1]
+    assert verdict.target_rel_err > 0.01 and verdict.target_accuracy > TARGET_LIMIT
+
+
+def test_an_empty_batch_agrees():
+    case = Case("logits", N=0, V=10, reduction="sum")
+    ref = _ref(case)
+    verdict = compare({"loss": torch.tensor(0.0), "logits": torch.zeros(0, 10)}, ref, case.dtype)[1]
+    assert verdict.ok and (verdict.worst_row, verdict.row_accuracy, verdict.accuracy) == (None, 0.0, 0.0)
+
+
+def test_linear_all_zero_gradient_floor_is_the_other_matrix_scale():
+    """Every target ignored: the hidden gradient is exactly zero; a nonzero entry is judged against the size a row
+    would have, upstream x the rms row of the weight."""
+    case = Case("linear", N=3, V=20, H=8, dtype="float32", reduction="sum", ignore_frac=1.0)
+    ref = _ref(case)
+    hidden = torch.zeros(3, 8)
+    hidden[1, 2] = 1e-6
+    verdict = compare({"loss": ref.loss, "hidden": hidden, "weight": torch.zeros(20, 8)}, ref, "float32")[1]
+    assert verdict.quantity == "hidden" and verdict.worst_row == 1
+    assert verdict.row_accuracy == pytest.approx(1e-6 / (FP32_FLOOR * ref.grad_scale("hidden")), rel=1e-6)
