@@ -124,7 +124,7 @@ def status_row(case: Case, impl, device: str, mode: str, metric: str, status: st
     fields = {k: v for k, v in case.as_dict().items() if k not in ("seed", "world_size")}
     return {"case": case.id, "impl": impl.name, "mode": mode, "metric": metric, "status": status, **fields,
             "device": device, "mutates_inputs": impl.mutates_inputs, "trusted": status == "ok",
-            "world_size": case.world_size, **values}
+            "grad_in_forward": impl.forward_computes_grad(case.reduction), "world_size": case.world_size, **values}
 
 
 def _status_rows(case, impl, device, modes, status, reason) -> list[dict]:

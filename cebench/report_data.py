@@ -119,7 +119,7 @@ def case_label(case: str, family: str, model=None, distribution=None) -> str:
 def label_of(frame: pd.DataFrame) -> dict[str, str]:
     """case id -> its label; the distribution is spelled out when the run has more than one."""
     first = frame.drop_duplicates("case")
-    varies = first["distribution"].map(_text).dropna().nunique() > 1 if "distribution" in first else False
+    varies = len({_text(v) for v in first["distribution"]} - {None}) > 1 if "distribution" in first else False
     return {r["case"]: case_label(r["case"], r["family"], r.get("model"), _text(r.get("distribution")) if varies else None)
             for r in first.to_dict("records")}
 
@@ -137,7 +137,8 @@ def flag(value) -> bool:
 def upstream_note(frame: pd.DataFrame) -> str:
     """Which upstream gradient the timed backward got, in a sentence."""
     rows = frame[(frame["metric"] == "time") & frame["mode"].isin(["backward", "forward+backward"])]
-    kinds = sorted({v for v in rows["upstream_grad"].map(_text) if v}) if "upstream_grad" in rows else []
+    # each cell through _text itself: Series.map skips missing cells of a text column, handing back nan
+    kinds = sorted({_text(v) for v in rows["upstream_grad"]} - {None}) if "upstream_grad" in rows else []
     if not kinds:
         return "Upstream gradient of the timed backward: not recorded in this run."
     said = {"ones": "ones (what `loss.backward()` gives a mean loss in training)",

@@ -92,7 +92,7 @@ def recommendations(frame: pd.DataFrame, trust: report_trust.Trust | None = None
     keys = frame[["family", "dtype", "N", "V", "case", "distribution", "model"]].drop_duplicates("case")
     keys = keys.assign(v_range=keys["V"].map(lambda v: _range(v, V_RANGES)),
                        n_range=keys["N"].map(lambda n: _range(n, N_RANGES)),
-                       distribution=keys["distribution"].map(lambda d: _text(d) or ""))
+                       distribution=[_text(d) or "" for d in keys["distribution"]])
     out = []
     for (family, dtype, dist, v_range, n_range), group in keys.groupby(
             ["family", "dtype", "distribution", "v_range", "n_range"], sort=False):

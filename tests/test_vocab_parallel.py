@@ -7,6 +7,7 @@ with its error recorded, and the launch must go on with the cells left.
 """
 
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -188,6 +189,12 @@ def _write_suite(path: Path, V: int = 515) -> Path:
         ignore_frac = [1.0]
         modes = ["forward"]
         impls = ["vp_allreduce"]
+        [[sweep]]
+        family = "logits"
+        N = [32]
+        V = [{V}]
+        modes = ["forward+backward"]
+        impls = ["torch"]
     """))
     return path
 
@@ -215,6 +222,7 @@ def no_comm(logits, targets, *, reduction="mean", ignore_index=-100, vocab_start
 
 
 GOOD = ("vp_allreduce", "vp_fused", "vp_linear_allreduce")
+RECORDED: dict[str, Path] = {}  # the file tests/plugins/vp_record_upstream.py writes, set by two_ranks
 
 
 @pytest.fixture(scope="module")
@@ -224,14 +232,39 @@ def two_ranks(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("tp")
     plugin = tmp / "broken_vp.py"
     plugin.write_text(BROKEN_PLUGIN)
-    env = {**os.environ, distributed.ENV_TIMEOUT: "30"}
+    RECORDED["path"] = tmp / "upstream.txt"
+    env = {**os.environ, distributed.ENV_TIMEOUT: "30", "CEBENCH_TEST_RECORD": str(RECORDED["path"])}
     proc = subprocess.run([sys.executable, "-m", "cebench", "run", "--nproc", "2", "--out", str(tmp / "runs"),
                            "--suite", str(_write_suite(tmp / "suite.toml")), "--plugin", str(plugin),
                            "--plugin", str(REPO / "tests" / "plugins" / "vp_reduce_hidden.py"),
-                           "--impl", ",".join(("vp_raises_on_rank1", "vp_no_comm", "vp_reduce_hidden", *GOOD))],
+                           "--plugin", str(REPO / "tests" / "plugins" / "vp_record_upstream.py"),
+                           "--impl", ",".join(("vp_raises_on_rank1", "vp_no_comm", "vp_reduce_hidden", *GOOD,
+                                               "vp_record_upstream", "torch"))],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     run_dir = Path(proc.stdout.strip().splitlines()[-1]) if proc.stdout.strip() else None
     return proc, read_results(run_dir) if run_dir else None
+
+
+def test_ranks_time_the_backward_with_the_upstream_gradient_training_gives(two_ranks):
+    """The agreement check hands the backward its random upstream gradient; every timed call gets ones, as
+    loss.backward() gives a mean loss, on every rank, and the rows say so (they used to get the random one)."""
+    proc, rows = two_ranks
+    assert rows is not None, proc.stderr[-3000:]
+    lines = [line.split() for line in (RECORDED["path"].read_text().splitlines())]
+    for rank in ("0", "1"):
+        grads = [float(g) for r, g in lines if r == rank]
+        assert len(grads) > 2 and grads[0] != 1.0, grads  # the check: random
+        assert set(grads[1:]) == {1.0}, grads  # the timed calls: ones
+    times = rows[(rows.metric == "time") & (rows.status == "ok")]
+    assert set(times.upstream_grad) == {"ones"} and set(times.world_size.dropna()) >= {2.0}
+
+
+def test_a_run_of_ranks_and_single_processes_ends_with_its_report(two_ranks):
+    """vocab-parallel rows beside single-process ones (the tp suite): the report is written whatever the rows hold."""
+    proc, rows = two_ranks
+    html = re.search(r"; report (\S+\.html) \(and report\.md\)", proc.stderr)
+    assert html and Path(html[1]).is_file() and Path(html[1]).with_name("report.md").is_file(), proc.stderr[-2000:]
+    assert "Upstream gradient of the timed backward: ones" in Path(html[1]).with_name("report.md").read_text()
 
 
 def test_two_gloo_ranks_agree_and_count_bytes(two_ranks):
@@ -247,7 +280,7 @@ def test_two_gloo_ranks_agree_and_count_bytes(two_ranks):
     assert comm["vp_allreduce"] == 3 * 32 * 4 + 4  # three all-reduces of N fp32, the max's carrying V too
     assert comm["vp_fused"] == 2 * 32 * 3 * 4  # one all-gather of (max, sum-exp, target) from 2 ranks
     assert comm["vp_linear_allreduce"] == 3 * 32 * 4 + 4 + 32 * 16 * 4  # + the hidden gradient's all-reduce
-    times = rows[(rows.metric == "time") & (rows.status == "ok")]
+    times = rows[(rows.metric == "time") & (rows.status == "ok") & rows.family.str.startswith("vocab_parallel")]
     assert set(GOOD) <= set(times.impl) and (times.world_size == 2).all() and (times.value > 0).all()
     assert (times[times.impl != "vp_fused"].n >= 2).all()  # min_repeats (vp_fused: interpreted, timed once)
 
