@@ -548,3 +548,10 @@ def test_linear_all_zero_gradient_floor_is_the_other_matrix_scale():
     verdict = compare({"loss": ref.loss, "hidden": hidden, "weight": torch.zeros(20, 8)}, ref, "float32")[1]
     assert verdict.quantity == "hidden" and verdict.worst_row == 1
     assert verdict.row_accuracy == pytest.approx(1e-6 / (FP32_FLOOR * ref.grad_scale("hidden")), rel=1e-6)
+
+
+def test_an_empty_batch_of_per_token_losses_agrees():
+    case = Case("logits", N=0, V=10, reduction="none")
+    ref = _ref(case)
+    loss = compare({"loss": torch.zeros(0), "logits": torch.zeros(0, 10)}, ref, case.dtype)[0]
+    assert loss.ok and (loss.accuracy, loss.max_abs_err, loss.worst_row) == (0.0, 0.0, None)

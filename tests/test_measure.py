@@ -36,6 +36,7 @@ def test_cpu_peak_counts_the_largest_moment_not_the_sum():
             del block
 
     assert 4 * MiB <= peak_memory(fn, "cpu", 0).peak_bytes <= 4.4 * MiB
+    assert peak_memory(lambda _: None, "cpu", 0).peak_bytes == 0  # nothing allocated: 0, not a byte more
 
 
 def test_cpu_peak_counts_what_setup_keeps_alive_but_not_its_temporaries():

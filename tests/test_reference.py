@@ -225,3 +225,16 @@ def test_compare_and_agreement_are_importable_from_reference():
     assert module.compare is agreement.compare and module.Agreement is agreement.Agreement
     with pytest.raises(AttributeError, match="module 'cebench.reference' has no attribute 'nope'"):
         module.nope  # noqa: B018
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_grad_scale_when_every_target_is_ignored(reduction):
+    """Every row's scale is 0; the floor is the upstream factor a row would get (mean: over no valid row, 1)."""
+    case = Case("linear", N=4, V=3, H=2, reduction=reduction, ignore_frac=1.0)
+    upstream = torch.tensor([0.5, -3.0, 1.0, 0.25]) if reduction == "none" else torch.tensor(-3.0)
+    ref, inputs = _ref(case, grad_out=upstream)
+    assert ref.n_valid == 0 and float(ref.row_scale.abs().max()) == 0.0
+    rms = float(inputs["weight"].double().square().sum(dim=1).mean().sqrt())
+    assert ref.grad_scale("hidden") == pytest.approx(3.0 * rms, rel=1e-12)
+    logits, _ = _ref(Case("logits", N=4, V=3, reduction=reduction, ignore_frac=1.0), grad_out=upstream)
+    assert logits.grad_scale("logits") == 3.0
