@@ -50,9 +50,10 @@ class Reference(Mapping):
         self.valid = targets != IGNORE_INDEX
         self.n_valid = int(self.valid.sum())
         self.row_scale = _row_scale(case, grad_output.double().to(self.device), self.valid, self.n_valid)
-        # the upstream factor a row would get were its target not ignored (the floor of an all-zero gradient)
-        self.upstream = float(grad_output.double().abs().max()) / max(1, self.n_valid if case.reduction == "mean"
-                                                                       else 1) if grad_output.numel() else 0.0
+        # the largest upstream factor a row gets, or would get were its target not ignored (mean: over the
+        # valid rows, at least one): the size of a gradient row, and the floor of an all-zero gradient
+        divisor = max(1, self.n_valid) if case.reduction == "mean" else 1
+        self.upstream = float(grad_output.double().abs().max()) / divisor if case.N else 0.0
         self.chunk_elements = chunk_elements or CHUNK_ELEMENTS.get(self.device.type, CHUNK_ELEMENTS["cuda"])
         self._loss = self._lse = None
         self._linear_grads: dict[str, torch.Tensor] | None = None
@@ -160,8 +161,7 @@ class Reference(Mapping):
         """The size a row of the gradient of `name` would have were it not zero: the upstream factor of
         the rows (times the rms row norm of the other matrix, for the linear family). It sets the floor
         of a gradient whose reference is exactly zero everywhere (V=1, every target ignored)."""
-        factor = float(self.row_scale.abs().max()) if self.row_scale.numel() else 0.0
-        factor = factor or (self.upstream if self.case.N else 0.0)
+        factor = self.upstream
         if not self.linear:
             return factor
         other = self.inputs["weight" if name == "hidden" else "hidden"].double()
