@@ -102,7 +102,7 @@ class Reference(Mapping):
                     yield sl, grads[name][sl], _rounded(grads[(name, best)][sl], best)
             return
         for sl, z in self._capped_logits():
-            dz = _rows_grad(self.case, z, self.inputs["targets"][sl], self.valid[sl], self.row_scale[sl])
+            dz = _rows_grad(self.case, z, self.inputs["targets"][sl], self.row_scale[sl])
             yield (sl, dz) if best is None else (sl, dz, _rounded(dz, best))
 
     def _linear(self, best: torch.dtype | None = None) -> dict:
@@ -123,16 +123,16 @@ class Reference(Mapping):
             weight_b = _rounded(weight, best) if case.autocast else weight
             grads.update({("hidden", best): torch.empty_like(grads["hidden"]), ("weight", best): torch.zeros_like(weight)})
         for sl, x in self._logits(weight):
-            targets, valid, scale = self.inputs["targets"][sl], self.valid[sl], self.row_scale[sl]
+            targets, scale = self.inputs["targets"][sl], self.row_scale[sl]
             rows = hidden[sl].double()
-            dz = _rows_grad(case, _capped(case, x), targets, valid, scale)
+            dz = _rows_grad(case, _capped(case, x), targets, scale)
             grads["hidden"][sl] = dz @ weight
             grads["weight"].addmm_(dz.T, rows)
             if best is None:
                 continue
             rows_b = _rounded(rows, best) if case.autocast else rows
             x_b = _rounded(rows_b @ weight_b.T if case.autocast else x, best)  # exact inputs: x is their product
-            dz_b = _rounded(_rows_grad(case, _capped(case, x_b), targets, valid, scale), best)
+            dz_b = _rounded(_rows_grad(case, _capped(case, x_b), targets, scale), best)
             grads[("hidden", best)][sl] = dz_b @ weight_b
             grads[("weight", best)].addmm_(dz_b.T, rows_b)
         self._linear_grads = grads
@@ -215,8 +215,8 @@ def _rows_loss(case: Case, z: torch.Tensor, targets: torch.Tensor, valid: torch.
     return torch.where(valid, loss, torch.zeros_like(loss)), lse
 
 
-def _rows_grad(case: Case, z: torch.Tensor, targets, valid, row_scale) -> torch.Tensor:
-    """dLoss/dx of a chunk of rows, each scaled by its row_scale (0 on ignored rows)."""
+def _rows_grad(case: Case, z: torch.Tensor, targets, row_scale) -> torch.Tensor:
+    """dLoss/dx of a chunk of rows, each scaled by its row_scale (0 on ignored rows, which masks them)."""
     eps, lam, cap = case.label_smoothing, case.z_loss, case.softcap
     lse = torch.logsumexp(z, dim=-1)
     safe_t = targets.clamp(min=0).unsqueeze(1)
