@@ -555,3 +555,23 @@ def test_an_empty_batch_of_per_token_losses_agrees():
     ref = _ref(case)
     loss = compare({"loss": torch.zeros(0), "logits": torch.zeros(0, 10)}, ref, case.dtype)[0]
     assert loss.ok and (loss.accuracy, loss.max_abs_err, loss.worst_row) == (0.0, 0.0, None)
+
+
+def test_a_loss_below_one_is_judged_relative_to_itself():
+    """rel_err and best_rel divide by the loss's norm whatever its size (confident rows: a mean loss far below 1)."""
+    case = Case("logits", N=16, V=50, distribution="confident")
+    ref = _ref(case)
+    assert 0 < float(ref.loss) < 0.1
+    verdict = compare({"loss": ref.loss * 1.01}, ref, "float32")[0]
+    assert verdict.rel_err == pytest.approx(0.01, rel=1e-6)  # (within float32 arithmetic on lse: not flagged)
+    assert verdict.best_rel == pytest.approx(float(half_ulp(ref.loss, torch.float32)
+                                                   + FP32_FLOOR * agreement._loss_scale(ref, ref.loss)) / float(ref.loss),
+                                             rel=1e-9)
+
+
+def test_the_worst_of_two_per_token_losses_is_named():
+    case = Case("logits", N=2, V=20, reduction="none")
+    ref = _ref(case)
+    got = ref.loss.clone()
+    got[1] *= 1.01
+    assert compare({"loss": got}, ref, "float32")[0].worst_row == 1
