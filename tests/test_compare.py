@@ -184,6 +184,7 @@ def test_one_untrusted_side_is_enough_and_missing_samples_are_too_few(tmp_path):
     assert _calls(compare.compare(b, a, alpha=1e-9))[("lean", "forward")]["call"] == "not significant"  # alpha is used
     (Path(a) / "samples.jsonl").unlink()
     assert _calls(compare.compare(b, a))[("lean", "forward")]["call"] == "too few samples"
+    assert _calls(compare.compare(a, b))[("lean", "forward")]["call"] == "too few samples"  # either side
 
 
 def test_markdown_of_a_known_table():

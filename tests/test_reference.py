@@ -238,3 +238,13 @@ def test_grad_scale_when_every_target_is_ignored(reduction):
     assert ref.grad_scale("hidden") == pytest.approx(3.0 * rms, rel=1e-12)
     logits, _ = _ref(Case("logits", N=4, V=3, reduction=reduction, ignore_frac=1.0), grad_out=upstream)
     assert logits.grad_scale("logits") == 3.0
+
+
+@pytest.mark.parametrize("policy", ["bfloat16", "float16", "autocast-bfloat16"])
+def test_the_linear_yardstick_is_representable_in_the_dtype(policy):
+    """best = the closest answer an implementation working in the dtype can return: every entry is a value of it."""
+    ref, _ = _ref(Case("linear", N=6, V=11, H=8, dtype=policy))
+    dtype = torch.float16 if "float16" in policy and "bfloat16" not in policy else torch.bfloat16
+    for name in ("hidden", "weight"):
+        parts = list(ref.grad_rows(name, best=dtype))
+        assert parts and all(torch.equal(best, best.to(dtype).double()) for _, _, best in parts)
