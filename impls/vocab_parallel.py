@@ -117,8 +117,9 @@ class _AllReduceCE(torch.autograd.Function):
                                                                           group)
         valid = targets != ignore_index
         rows = torch.where(valid, sum_exp.log() - target_shifted, 0.0)
-        probs.div_(sum_exp.unsqueeze(1))  # kept for the backward: this is the N x V_local cost of the recipe
-        probs.masked_fill_(bad.unsqueeze(1), float("nan"))  # a bad target's row: NaN gradient, like its loss
+        # kept for the backward: this is the N x V_local cost of the recipe. A bad target's row is divided by
+        # NaN, so its gradient is NaN like its loss, without another pass over N x V_local
+        probs.div_(torch.where(bad, float("nan"), sum_exp).unsqueeze(1))
         ctx.save_for_backward(probs, safe, hit, valid)
         ctx.dtype, ctx.name, ctx.used = logits.dtype, name, False
         return rows
