@@ -1,7 +1,9 @@
-"""Roofline probe: the device's measured copy bandwidth and bf16 matmul rate, once per GPU run.
+"""Roofline probe: the device's measured copy and read bandwidths and bf16 matmul rate, once per GPU run.
 
 The report draws these as ceilings: a logits-family kernel is memory-bound, so its achieved
-GB/s is compared with what a plain device-to-device copy reaches on the same GPU; a linear
+GB/s is compared with what a plain device-to-device copy reaches on the same GPU (training:
+read the logits, write the gradient) or what a sum over a buffer far larger than L2 reaches
+(evaluation reads only; cebench/report_roofline.py); a linear
 cross-entropy is matmul-bound, so its TFLOP/s is compared with a large bf16 matmul. Measured
 ceilings, not datasheet numbers, because clocks, power limits and MIG slices differ per machine.
 
@@ -13,7 +15,7 @@ from __future__ import annotations
 
 COPY_BYTES = 1 << 30  # 1 GiB source: far larger than any L2, so the copy streams from DRAM
 MATMUL_N = 8192
-KEYS = ("copy_bandwidth_gbps", "matmul_tflops_bf16")
+KEYS = ("copy_bandwidth_gbps", "read_bandwidth_gbps", "matmul_tflops_bf16")
 
 
 def copy_gbps(nbytes: int, ms: float) -> float:
@@ -21,6 +23,13 @@ def copy_gbps(nbytes: int, ms: float) -> float:
     if ms <= 0:
         raise ValueError(f"time must be positive, got {ms}")
     return 2 * nbytes / (ms * 1e-3) / 1e9
+
+
+def read_gbps(nbytes: int, ms: float) -> float:
+    """A reduction over `nbytes` reads each byte once: nbytes per `ms`, in GB/s."""
+    if ms <= 0:
+        raise ValueError(f"time must be positive, got {ms}")
+    return nbytes / (ms * 1e-3) / 1e9
 
 
 def matmul_tflops(n: int, ms: float) -> float:
@@ -56,6 +65,14 @@ def _copy_ms(device: str) -> float:
     return do_bench(lambda: target.copy_(source), warmup=25, rep=200, return_mode="median")
 
 
+def _read_ms(device: str) -> float:
+    import torch
+    from triton.testing import do_bench
+
+    source = torch.empty(COPY_BYTES // 4, dtype=torch.float32, device=device).uniform_()
+    return do_bench(lambda: source.sum(), warmup=25, rep=200, return_mode="median")
+
+
 def _matmul_ms(device: str) -> float:
     import torch
     from triton.testing import do_bench
@@ -70,11 +87,14 @@ def _measure(device: str) -> dict:
 
     with torch.cuda.device(device):  # the tensors of each probe are freed when its function returns
         copy_ms = _copy_ms(device)
+        read_ms = _read_ms(device)
         matmul_ms = _matmul_ms(device)
         torch.cuda.empty_cache()
     return {
         "copy_bandwidth_gbps": round(copy_gbps(COPY_BYTES, copy_ms), 1),
+        "read_bandwidth_gbps": round(read_gbps(COPY_BYTES, read_ms), 1),
         "matmul_tflops_bf16": round(matmul_tflops(MATMUL_N, matmul_ms), 1),
         "probe": f"copy of {COPY_BYTES >> 20} MiB float32: {copy_ms:.4f} ms median; "
+                 f"sum of the same: {read_ms:.4f} ms median; "
                  f"bf16 matmul {MATMUL_N}³: {matmul_ms:.4f} ms median (triton.testing.do_bench)",
     }

@@ -288,11 +288,15 @@ def speedup_table(frame: pd.DataFrame, family: str) -> Table:
                  "Above 1× is faster than the builtin; — where either timing is missing or untrusted.")
 
 
-def family_tables(frame: pd.DataFrame, family: str, trust: report_trust.Trust | None = None) -> list[Table]:
-    from cebench.report_accuracy import accuracy_table  # it builds on this module's cells
+def family_tables(frame: pd.DataFrame, family: str, trust: report_trust.Trust | None = None,
+                  roof: dict | None = None) -> list[Table]:
+    """The tables of one family; with the probe's ceilings (GPU runs) also the speed-of-light table."""
+    from cebench.report_accuracy import accuracy_table  # these build on this module's cells
+    from cebench.report_roofline import roofline_table
 
-    return [time_table(frame, family, trust), memory_table(frame, family), speedup_table(frame, family),
-            accuracy_table(frame, family)]
+    tables = [time_table(frame, family, trust), memory_table(frame, family), speedup_table(frame, family),
+              roofline_table(frame, family, roof), accuracy_table(frame, family)]
+    return [t for t in tables if t is not None]
 
 
 def problems(frame: pd.DataFrame) -> list[dict]:
@@ -325,7 +329,8 @@ def _lines(lines) -> str:
 
 PROVENANCE_KEYS = ("device_name", "device", "cuda", "driver", "torch", "triton", "liger_kernel", "cut_cross_entropy",
                    "python", "cpu", "torch_threads", "triton_interpret", "git_commit", "git_dirty", "suite",
-                   "suite_hash", "time", "copy_bandwidth_gbps", "matmul_tflops_bf16", "probe", "probe_error")
+                   "suite_hash", "time", "copy_bandwidth_gbps", "read_bandwidth_gbps", "matmul_tflops_bf16", "probe",
+                   "probe_error")
 
 
 def provenance(env: dict) -> list[tuple[str, str]]:

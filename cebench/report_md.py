@@ -168,8 +168,9 @@ def memory_model_lines(run: Run) -> list[str]:
              "The memory tables show measured peak ÷ this floor; the rate figures show the floor's bytes (or the "
              "matmul FLOPs) ÷ time.", ""]
     if roof:
+        read = f", read bandwidth {roof['read_bandwidth_gbps']} GB/s" if roof.get("read_bandwidth_gbps") else ""
         lines.append(f"Roofline of this device, measured at the start of the run: copy bandwidth "
-                     f"{roof['copy_bandwidth_gbps']} GB/s, bf16 matmul {roof['matmul_tflops_bf16']} TFLOP/s.")
+                     f"{roof['copy_bandwidth_gbps']} GB/s{read}, bf16 matmul {roof['matmul_tflops_bf16']} TFLOP/s.")
     else:
         lines.append("CPU run (or no probe): no roofline applies; achieved rates are shown without a ceiling.")
     return lines + [""]
@@ -192,7 +193,7 @@ def markdown(run: Run, figures: dict[str, list], figure_dir: str = "figures") ->
                   "in the interpreter, so their timings are not ranked.", ""]
     for family in run.families:
         lines += [f"## Family: {family}", ""]
-        for tab in family_tables(run.frame, family, run.trust):
+        for tab in family_tables(run.frame, family, run.trust, probe.roofline(run.env)):
             lines += table(tab)
         lines += figure_lines(figures.get(family, []), figure_dir)
     lines += memory_model_lines(run)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from cebench import memory_model, probe, report_data, report_verdicts
+from cebench import memory_model, probe, report_data, report_roofline, report_verdicts
 from cebench.report import default_reports_dir, write_reports
 from cebench.results import RunWriter, write_env
 
@@ -194,6 +194,35 @@ def test_roofline_drawn_from_env(tmp_path):
                         {"device": "cuda", "copy_bandwidth_gbps": 3000.0, "matmul_tflops_bf16": 700.0})
     text = write_reports(run_dir)["markdown"].read_text()
     assert "copy bandwidth 3000.0 GB/s" in text and "no roofline applies" not in text
+
+
+def test_speed_of_light_table_holds_each_mode_to_its_ceiling(tmp_path):
+    """Writing modes against the copy bandwidth, read-only ones against the read bandwidth, linear against the
+    matmul rate; each cell the memory model's floor ÷ the median ÷ the ceiling. No probe (CPU): no table."""
+    roof = {"device": "cuda", "copy_bandwidth_gbps": 3000.0, "read_bandwidth_gbps": 3200.0, "matmul_tflops_bf16": 700.0}
+    run = report_data.load(write_run(tmp_path, "20260102-030405-synthetic-cuda", standard_cells(), roof))
+    frame, ceilings = run.frame, probe.roofline(run.env)
+    tab = report_roofline.roofline_table(frame, "logits", ceilings)
+    assert tab.columns == ["case", "implementation", "forward", "backward", "forward+backward"]
+    for _, row in frame[(frame.metric == "time") & (frame.status == "ok") & frame.trusted].iterrows():
+        if row["family"] != "logits":
+            continue
+        gbps = memory_model.floor_for_row(row).bytes_moved / (row["value"] * 1e-3) / 1e9
+        top = 3200.0 if row["mode"] == "forward" else 3000.0
+        cell = next(c for r in tab.rows for c in r if c.line == int(row["line"]))
+        assert cell.text == f"{gbps / top:.2f} ({gbps:,.0f} GB/s)"
+    shown = {r[1].text for r in tab.rows}
+    assert "torch" in shown and "interp" not in shown and "wrong" not in shown  # untrusted rows get no ratio
+    assert "read bandwidth 3200 GB/s" in tab.caption and "copy bandwidth 3000 GB/s" in tab.caption
+    linear = report_roofline.roofline_table(frame, "linear", ceilings)
+    row = frame[(frame.family == "linear") & (frame.metric == "time") & (frame["mode"] == "forward+backward")].iloc[0]
+    tflops = 6 * row["N"] * row["V"] * row["H"] / (row["value"] * 1e-3) / 1e12
+    assert linear.rows[0][4].text.startswith(f"{tflops / 700.0:.2f} (")
+    older = {k: v for k, v in ceilings.items() if k != "read_bandwidth_gbps"}  # a probe from before the read figure
+    assert "no read bandwidth" in report_roofline.roofline_table(frame, "logits", older).caption
+    assert report_roofline.roofline_table(frame, "logits", None) is None
+    assert "Speed of light" in write_reports(run.run_dir)["markdown"].read_text()
+    assert probe.read_gbps(1 << 30, 1.0) == pytest.approx((1 << 30) / 1e-3 / 1e9)
 
 
 def test_reports_dir_for_runs_in_results():
