@@ -44,6 +44,17 @@ class TimingPlan:
     # the agreement check's (which always uses a random one, so a kernel ignoring it fails)
     upstream_grad: str = "ones"
 
+    def timed_grad(self, check_grad: torch.Tensor) -> torch.Tensor:
+        """The upstream gradient the timed backward gets, given the agreement check's random one."""
+        return torch.ones_like(check_grad) if self.upstream_grad == "ones" else check_grad
+
+    def cuda_call_counts(self, first_ms: float) -> tuple[int, int]:
+        """(warm-up calls, timed calls) after a first call of `first_ms` on CUDA: warm up for cuda_warmup_ms,
+        time for cuda_rep_ms, at most 5 x max_repeats and never fewer than min_repeats timed calls."""
+        first_ms = max(first_ms, 1e-3)
+        count = min(self.max_repeats * 5, int(self.cuda_rep_ms / first_ms))
+        return max(1, int(self.cuda_warmup_ms / first_ms)), max(self.min_repeats, count)
+
 
 @dataclass
 class Timing:
@@ -108,18 +119,22 @@ def _time_cuda_with_setup(fn, setup, plan: TimingPlan, grad_to_none) -> Timing:
         state = setup()
         _reset_grads(grad_to_none)
         flush.zero_()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn(state)
-        end.record()
-        torch.cuda.synchronize()
-        return start.elapsed_time(end)
+        return event_time(fn, state)
 
-    first = one_call()
-    for _ in range(max(1, int(plan.cuda_warmup_ms / max(first, 1e-3)))):
+    warmup, count = plan.cuda_call_counts(one_call())
+    for _ in range(warmup):
         one_call()
-    count = max(plan.min_repeats, min(plan.max_repeats * 5, int(plan.cuda_rep_ms / max(first, 1e-3))))
     return Timing([one_call() for _ in range(count)])
+
+
+def event_time(fn, state) -> float:
+    """Milliseconds of `fn(state)` between two CUDA events, synchronised."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn(state)
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end)
 
 
 def _time_cpu(fn, setup, plan: TimingPlan, grad_to_none) -> Timing:

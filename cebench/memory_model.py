@@ -94,6 +94,15 @@ def achieved_tflops(flops: int, time_ms: float) -> float:
     return flops / (time_ms * 1e-3) / 1e12
 
 
+def achieved_rate(row) -> float:
+    """A time row's rate: GB/s of its floor's bytes (logits and vocab-parallel families) or TFLOP/s of its
+    matmul FLOPs (linear families), at its median time."""
+    floor_ = floor_for_row(row)
+    if str(row["family"]).endswith("linear"):
+        return achieved_tflops(floor_.flops, float(row["value"]))
+    return achieved_gbps(floor_.bytes_moved, float(row["value"]))
+
+
 def memory_ratio(measured_mib: float, floor_: Floor) -> float | None:
     """Measured peak memory ÷ the floor; None where the floor is zero."""
     return measured_mib / floor_.extra_mib if floor_.extra_bytes else None

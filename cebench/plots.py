@@ -185,13 +185,11 @@ def rate_vs_v(frame: pd.DataFrame, family: str, roof: dict | None) -> Figure | N
     rows = rows[rows["value"] > 0].copy()  # a rate needs a positive time
     if rows.empty:
         return None
-    floors = [memory_model.floor_for_row(r) for r in rows.to_dict("records")]
+    rows["rate"] = [memory_model.achieved_rate(r) for r in rows.to_dict("records")]
     linear = family.endswith("linear")
     if linear:
-        rows["rate"] = [memory_model.achieved_tflops(f.flops, t) for f, t in zip(floors, rows["value"], strict=True)]
         ceiling, unit, what = (roof or {}).get("matmul_tflops_bf16"), "TFLOP/s", "measured bf16 matmul rate"
     else:
-        rows["rate"] = [memory_model.achieved_gbps(f.bytes_moved, t) for f, t in zip(floors, rows["value"], strict=True)]
         ceiling, unit, what = (roof or {}).get("copy_bandwidth_gbps"), "GB/s", "measured copy bandwidth"
 
     def roofline(ax, sub, mode):

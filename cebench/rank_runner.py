@@ -37,7 +37,7 @@ from cebench import registry, vp_check
 from cebench.cases import Case, differentiable_names, make_grad_output, make_inputs
 from cebench.comm import count_collectives
 from cebench.distributed import shard_bounds, status_row
-from cebench.measure import Timing, TimingPlan, peak_memory
+from cebench.measure import Timing, TimingPlan, event_time, l2_flush_buffer, peak_memory
 from cebench.reference import reference
 from cebench.results import RunWriter
 from cebench.runner import fresh_inputs, impl_kwargs, mode_callables
@@ -147,8 +147,8 @@ class Cell:
         r = self.r
         inputs = fresh_inputs(self.pristine, self.case)
         # timed as training calls it (ones, unless the suite asks otherwise); the check above used the random one
-        timing_grad = torch.ones_like(self.grad_output) if r.plan.upstream_grad == "ones" else self.grad_output
-        setup, measured = mode_callables(self.bound, self.case, mode, inputs, self.pristine, timing_grad)
+        setup, measured = mode_callables(self.bound, self.case, mode, inputs, self.pristine,
+                                         r.plan.timed_grad(self.grad_output))
         leaves = [inputs[n] for n in differentiable_names(self.case)]
         r.sync()
         memory = peak_memory(measured, r.device, self.local_bytes, setup=setup)
@@ -202,15 +202,13 @@ class Cell:
 
 
 class Clock:
-    """Times one call. CUDA: a 256 MB buffer zeroed first (the L2 flush triton.testing.do_bench makes), then
-    CUDA events around the call; CPU: perf_counter. `before` runs after the flush and before the start."""
-
-    FLUSH_BYTES = 256 << 20
+    """Times one call. CUDA: the L2 flush triton.testing.do_bench makes, then CUDA events around the call
+    (cebench.measure's); CPU: perf_counter. `before` runs after the flush and before the start."""
 
     def __init__(self, device: str, flush: torch.Tensor | None = None):
         self.cuda = device.startswith("cuda")
         if flush is None and self.cuda:
-            flush = torch.empty(self.FLUSH_BYTES, dtype=torch.int8, device=device)
+            flush = l2_flush_buffer()  # on the rank's device: main() made it the current one
         self.flush = flush
 
     def time(self, fn, state, before=lambda: None) -> float:
@@ -221,27 +219,19 @@ class Clock:
             return (time.perf_counter() - began) * 1e3
         self.flush.zero_()
         before()  # the rank barrier: every rank starts together, its cache flushed
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn(state)
-        end.record()
-        torch.cuda.synchronize()
-        return start.elapsed_time(end)
+        return event_time(fn, state)
 
 
 def call_counts(plan: TimingPlan, slowest_ms: float, cuda: bool) -> tuple[int, int]:
     """(warm-up calls, timed calls) from the slowest rank's first call; the same on every rank.
 
-    As cebench.measure: on CUDA warm up for cuda_warmup_ms and time for cuda_rep_ms, on the CPU
-    plan.warmup calls and min_time_s; never fewer than min_repeats timed calls."""
-    slowest_ms = max(slowest_ms, 1e-3)
+    As cebench.measure: on CUDA its counts (TimingPlan.cuda_call_counts); on the CPU plan.warmup calls
+    and min_time_s; never fewer than min_repeats timed calls."""
     if cuda:
-        warmup = max(1, int(plan.cuda_warmup_ms / slowest_ms))
-        count = min(plan.max_repeats * 5, int(plan.cuda_rep_ms / slowest_ms))
-    else:
-        warmup = max(0, plan.warmup - 1)  # the first call was one
-        count = min(plan.max_repeats, math.ceil(plan.min_time_s * 1e3 / slowest_ms))
-    return warmup, max(plan.min_repeats, count)
+        return plan.cuda_call_counts(slowest_ms)
+    slowest_ms = max(slowest_ms, 1e-3)
+    count = min(plan.max_repeats, math.ceil(plan.min_time_s * 1e3 / slowest_ms))
+    return max(0, plan.warmup - 1), max(plan.min_repeats, count)  # the first call was a warm-up one
 
 
 def _problems(rows: list[dict]) -> tuple[list[str], list[str]]:

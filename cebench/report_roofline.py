@@ -32,14 +32,6 @@ def ceiling(family: str, mode: str, roof: dict) -> tuple[float | None, str, str]
     return roof.get("copy_bandwidth_gbps"), "GB/s", "copy bandwidth"
 
 
-def rate(row: dict) -> float:
-    """Achieved GB/s (logits and vocab-parallel families) or TFLOP/s (linear) of one time row."""
-    floor = memory_model.floor_for_row(row)
-    if str(row["family"]).endswith("linear"):
-        return memory_model.achieved_tflops(floor.flops, float(row["value"]))
-    return memory_model.achieved_gbps(floor.bytes_moved, float(row["value"]))
-
-
 def roofline_table(frame: pd.DataFrame, family: str, roof: dict | None) -> Table | None:
     """The fraction of the ceiling per implementation × case × mode; None without a probe (CPU runs)."""
     if not roof:
@@ -58,7 +50,7 @@ def roofline_table(frame: pd.DataFrame, family: str, roof: dict | None) -> Table
             if row is None or not top:
                 cells.append(Cell("—", "absent"))
                 continue
-            achieved = rate(row)
+            achieved = memory_model.achieved_rate(row)
             cells.append(Cell(f"{achieved / top:.2f} ({achieved:,.0f} {unit})", line=int(row["line"])))
         body.append(cells)
     ceilings = dict.fromkeys(f"{what} {top:g} {unit}" for top, unit, what in (ceiling(family, m, roof) for m in modes)

@@ -258,19 +258,13 @@ class CellRunner:
             reason = f"eval {EVAL_MUTATION} (mutated: {', '.join(mutated)}); {reason}"
         return self.row("check", "eval_agreement", "ok" if ok else "failed", unit="bool", value=float(ok), reason=reason)
 
-    def _timing_grad(self) -> torch.Tensor:
-        """The timed backward's upstream gradient: ones, as `loss.backward()` gives in training, unless the
-        suite asks for the check's random one (recorded in every row's upstream_grad)."""
-        if self.plan.upstream_grad == "ones":
-            return torch.ones_like(self.grad_output)
-        return self.grad_output
-
     def _measure(self, mode: str) -> Iterator[dict]:
         # the interpreter runs kernels on numpy copies: neither their time nor torch's allocator view is real
         note = "Triton interpreter on CPU: timing and memory not meaningful" if self.interpreted else ""
         try:
             inputs = fresh_inputs(self.pristine, self.case)
-            setup, measured = mode_callables(self.impl, self.case, mode, inputs, self.pristine, self._timing_grad())
+            setup, measured = mode_callables(self.impl, self.case, mode, inputs, self.pristine,
+                                              self.plan.timed_grad(self.grad_output))
             began = time.perf_counter()
             memory = peak_memory(measured, self.device, self.case.input_bytes(), setup=setup)
             if self.interpreted:  # one interpreted call costs seconds and its time means nothing: reuse it
