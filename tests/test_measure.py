@@ -287,3 +287,9 @@ def test_stderr_is_quiet_inside_and_restored_after(capfd):
         os.write(2, b"kineto noise\n")
     os.write(2, b"after\n")
     assert capfd.readouterr().err == "after\n"
+
+
+def test_the_timed_backward_gets_ones_unless_the_plan_asks_for_the_checks_gradient():
+    check = torch.tensor([0.3, -2.0])
+    assert torch.equal(TimingPlan().timed_grad(check), torch.ones(2))
+    assert TimingPlan(upstream_grad="random").timed_grad(check) is check
