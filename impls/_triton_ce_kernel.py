@@ -12,6 +12,11 @@ are in flight at once (triton_fused.py sizes P so those rows stay in L2 between 
 every row, or one per row). A tile whose factors are all exactly 1 reads and writes nothing:
 the decision is taken on the device, so the host never syncs to learn the factor.
 
+`chunk_stats_kernel` and `chunk_grad_kernel` (triton_fused_linear): the logits of every row
+arrive one chunk of vocabulary columns at a time. The first folds a chunk into each row's
+running max, sum of exponentials and sum of logits and picks up the target's logit; the second,
+once the whole row is known, writes the gradient over a chunk in place.
+
 Row geometry, for vectorised loads at any V: a row of an fp32/bf16 buffer with odd V starts at
 an address that is not 16-byte aligned. Each row is split into a head (the < VEC elements up
 to its first 16-byte boundary), a body (a multiple of VEC elements, every load aligned, which
@@ -271,3 +276,69 @@ def scale_kernel(
                 ok = (cols[None, :] < n_body[:, None]) & todo[:, None]
                 x = _load_f32(body[:, None] + cols[None, :], ok, BF16_BITS)
                 _store_f32(body[:, None] + cols[None, :], x * factor[:, None], ok, BF16_BITS)
+
+
+# --- The vocabulary-chunk kernels of triton_fused_linear: the logits of all N rows arrive one
+# chunk of columns [col0, col0 + n_cols) at a time, so a row's statistics are merged across
+# launches and its gradient is written once the whole row's max and sum are known.
+
+
+@triton.jit
+def chunk_stats_kernel(
+    z_ptr, z_stride, targets_ptr, m_ptr, s_ptr, zsum_ptr, zt_ptr, n_rows, n_cols, col0, cap,
+    HAS_SMOOTHING: tl.constexpr, HAS_SOFTCAP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
+    BF16_BITS: tl.constexpr,
+):
+    # 1. The tile's rows and their running statistics over the earlier chunks (max m, sum s of
+    #    exp(z - m), plain sum of z): read, folded with this chunk, written back.
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < n_rows
+    safe_rows = tl.minimum(rows, n_rows - 1)
+    m = tl.load(m_ptr + safe_rows)
+    s = tl.load(s_ptr + safe_rows)
+    z_sum = tl.load(zsum_ptr + safe_rows)
+    z_row = z_ptr + safe_rows.to(tl.int64) * z_stride
+    # 2. One pass over the chunk's columns (usually a single tile), all in fp32.
+    for start in range(0, n_cols, BLOCK_V):
+        cols = start + tl.arange(0, BLOCK_V)
+        ok = (cols[None, :] < n_cols) & row_ok[:, None]
+        z = _load_z(z_row[:, None] + cols[None, :], ok, cap, HAS_SOFTCAP, BF16_BITS)
+        m, s, z_sum = _tile_stats(z, ok, m, s, z_sum, HAS_SMOOTHING)
+    tl.store(m_ptr + rows, m, mask=row_ok)
+    tl.store(s_ptr + rows, s, mask=row_ok)
+    tl.store(zsum_ptr + rows, z_sum, mask=row_ok)
+    # 3. The target's (capped) logit, from the one chunk that holds it. ignore_index (< 0) and
+    #    out-of-range targets fall in no chunk; the host marks those rows.
+    t = tl.load(targets_ptr + safe_rows).to(tl.int64) - col0
+    here = row_ok & (t >= 0) & (t < n_cols)
+    z_t = _load_f32(z_row + tl.where(here, t, 0), here, BF16_BITS)
+    if HAS_SOFTCAP:
+        z_t = _softcap(z_t, cap)
+    tl.store(zt_ptr + rows, z_t, mask=here)
+
+
+@triton.jit
+def chunk_grad_kernel(
+    z_ptr, z_stride, targets_ptr, m_ptr, coef_ptr, scale_ptr, n_rows, n_cols, col0, n_vocab, eps, cap,
+    HAS_SMOOTHING: tl.constexpr, HAS_SOFTCAP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
+    BF16_BITS: tl.constexpr,
+):
+    # 1. One tile: BLOCK_N rows × BLOCK_V columns of the chunk (grid: row tiles × column tiles).
+    #    Per row, from the host: the row's max m over the whole vocabulary, coef = scale/s
+    #    (times the z-loss factor) and scale (the row's upstream factor; 0 ignored, NaN bad).
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
+    row_ok = rows < n_rows
+    safe_rows = tl.minimum(rows, n_rows - 1)
+    ok = (cols[None, :] < n_cols) & row_ok[:, None]
+    m = tl.load(m_ptr + safe_rows)
+    coef = tl.load(coef_ptr + safe_rows)
+    scale = tl.load(scale_ptr + safe_rows)
+    # 2. The target's column within this chunk, or -1 (no column matches) when it lies elsewhere.
+    t = tl.load(targets_ptr + safe_rows).to(tl.int64) - col0
+    t = tl.where((t >= 0) & (t < n_cols), t, -1)
+    # 3. dL/dz over the tile, written over the logits (ε/V uses the whole vocabulary's V).
+    ptrs = z_ptr + safe_rows.to(tl.int64)[:, None] * z_stride + cols[None, :]
+    z = _load_z(ptrs, ok, cap, HAS_SOFTCAP, BF16_BITS)
+    g = _tile_grad(z, cols[None, :], m, coef, scale, t, eps, n_vocab, cap, HAS_SMOOTHING, HAS_SOFTCAP)
+    _store_f32(ptrs, g, ok, BF16_BITS)

@@ -1,36 +1,53 @@
-"""Linear + cross-entropy on our fused Triton kernel, one chunk of tokens at a time.
+"""Linear + cross-entropy on our Triton kernels, one chunk of the vocabulary at a time.
 
-`triton_fused_linear` (linear family) never holds the full N×V logits. In training with
-reduction mean or sum, for each chunk of tokens it:
-  1. computes the chunk's logits, hidden_chunk @ weight.T, in the compute dtype (the input
-     dtype, or the autocast dtype under torch.autocast);
-  2. runs the fused kernel of triton_fused.py on them, which leaves the per-row loss and
-     overwrites the logits buffer in place with dLoss/dlogits (upstream gradient 1);
-  3. writes grad_z @ weight into the chunk's slice of grad_hidden, and accumulates grad_z.T @
-     hidden_chunk into an fp32 grad_weight *inside the matmul* (addmm into the accumulator: no
-     V×H temporary per chunk; see `accumulate_fp32`).
+`triton_fused_linear` (linear family) never holds the N×V logits: it walks the vocabulary in
+chunks of columns, z_c = hidden @ weight[c].T (N × V_c, in the compute dtype), twice:
+  1. statistics pass: for each chunk, chunk_stats_kernel folds z_c into every row's running
+     max, sum of exponentials (and sum of logits, for label smoothing) and picks up the target's
+     logit. Then, per row on the host (O(N)): the loss, and the factor of its gradient.
+  2. gradient pass (training): for each chunk, z_c again; chunk_grad_kernel overwrites it in
+     place with dLoss/dz_c; then
+       grad_weight[c] = dz_c.T @ hidden   one matmul over all N tokens: accumulated in fp32
+                                          inside the matmul and written once, in the weight's dtype;
+       grad_hidden  += dz_c @ weight[c]   into an fp32 N×H accumulator (addmm into it on CUDA,
+                                          see `accumulate_fp32`).
+Why the vocabulary and not the tokens: a chunk of tokens needs the full weight gradient in fp32
+across chunks (V×H×4 bytes, and V×H×8 moved per chunk: at the Gemma 2 head, 2.4 GB held and
+~300 GB moved). Chunking the vocabulary makes each weight-gradient row complete in one matmul;
+only the smaller hidden gradient (N×H) is accumulated across chunks.
+
+Work and memory (b = bytes per element of the compute dtype):
+  FLOPs      8·N·H·V in training (logits twice, two gradient matmuls), 2·N·H·V for the loss alone.
+  memory     above the inputs, training: grad_weight (V×H, the floor) + the fp32 accumulator of
+             grad_hidden, N×H×4, which the bf16/fp16 gradient is then written into in place
+             (`narrow_in_place`: N×H×2 above the floor) + one chunk of logits, CHUNK_BYTES.
+  traffic    per chunk: the logits written by the matmul, read by the stats kernel (and again,
+             read and written, by the grad kernel), read by both gradient matmuls; the accumulator
+             N×H×4 read and written once per chunk, which is what keeps CHUNK_BYTES from being tiny.
 The backward only multiplies both gradients by the scalar upstream gradient, on the device,
 skipping the work where it is exactly 1 (triton_fused.scale_rows_). One backward per forward:
 a second one raises triton_fused.SINGLE_USE.
 
-reduction="none": the gradient depends on each token's upstream gradient, so the forward
-computes the loss only and the backward recomputes each chunk's logits and runs the kernel
-with the per-row upstream gradient (a second backward works, it recomputes again).
+reduction="none": the gradient depends on each token's upstream gradient, so the forward runs the
+statistics pass only and keeps the per-row max and sum (2·N floats); the backward runs the
+gradient pass with those factors (a second backward works, it recomputes again).
 
-Only what is wanted is computed: under no_grad, or when neither input requires grad, one
-matmul per chunk and a loss-only kernel pass, no gradient buffer at all; a frozen hidden skips
-grad_hidden, a frozen weight skips grad_weight and its fp32 buffer.
+Only what is wanted is computed: under no_grad, or when neither input requires grad, the
+statistics pass alone; a frozen hidden skips grad_hidden and its accumulator, a frozen weight
+skips grad_weight.
 
-Under torch.autocast the matmuls run in the autocast dtype (the weight is cast once per call,
-not per chunk), grad_weight still accumulates in fp32, the loss comes back in float32 (as
-F.cross_entropy's does under autocast) and the gradients in the inputs' dtypes.
+Under torch.autocast the matmuls run in the autocast dtype (hidden and weight are cast once per
+call, not per chunk), the loss comes back in float32 (as F.cross_entropy's does under autocast)
+and the gradients in the inputs' dtypes (fp32: the accumulator is the gradient).
 
-Chunk size comes from a memory budget: a chunk's logits take at most CHUNK_BYTES (64 MiB) in
-the compute dtype, rounded down to a multiple of ROW_ALIGN (128) rows when at least that many
-fit. Peak extra memory in training: one chunk of logits plus the fp32 grad_weight (V×H×4) and
-grad_hidden. Options, bad targets (NaN rows) and integer options as in triton_fused.
+Chunk size: a chunk's logits take at most CHUNK_BYTES (16 MiB) in the compute dtype, in columns
+rounded down to a multiple of COL_ALIGN (256) when at least that many fit;
+CEBENCH_TRITON_LINEAR_CHUNK_MIB overrides it (a GPU session weighs memory against the
+accumulator's traffic). Options, bad targets (NaN rows) and integer options as in triton_fused.
 """
 
+import contextlib
+import os
 import sys
 from pathlib import Path
 
@@ -43,21 +60,28 @@ from cebench.registry import load_file
 load_file(Path(__file__).with_name("triton_fused.py"))
 fused = sys.modules["cebench_plugin_triton_fused"]
 
-CHUNK_BYTES = 64 << 20
-ROW_ALIGN = 128
+CHUNK_BYTES = 16 << 20
+CHUNK_ENV = "CEBENCH_TRITON_LINEAR_CHUNK_MIB"
+COL_ALIGN = 256
 ACC_BLOCK_BYTES = 16 << 20  # bound on the temporary of the blocked fallback in accumulate_fp32
+FIRST_NARROW = 1 << 16  # narrow_in_place: elements converted through a copy before the doubling steps
 # devices whose addmm has the out_dtype overload (bf16/fp16 inputs, fp32 output); "meta" runs
 # the same code for shapes only, which is how the CPU tests check this branch
 DTYPE_ADDMM_DEVICES = {"cuda", "meta"}
 _dtype_addmm_ok = True  # cleared if this torch refuses an fp32 accumulator (older CUDA builds did)
 
 
-def chunk_rows(n_rows: int, vocab: int, element_size: int) -> int:
-    """Rows per chunk so that one chunk of logits fits in CHUNK_BYTES, aligned to ROW_ALIGN; ≥ 1."""
-    rows = max(1, CHUNK_BYTES // (vocab * element_size))
-    if rows >= ROW_ALIGN:
-        rows -= rows % ROW_ALIGN
-    return max(1, min(rows, n_rows))
+def chunk_bytes() -> int:
+    mib = os.environ.get(CHUNK_ENV)
+    return int(float(mib) * (1 << 20)) if mib else CHUNK_BYTES
+
+
+def chunk_cols(n_rows: int, vocab: int, element_size: int) -> int:
+    """Vocabulary columns per chunk so that one chunk of logits fits the budget, aligned to COL_ALIGN; ≥ 1."""
+    cols = max(1, chunk_bytes() // (max(n_rows, 1) * element_size))
+    if cols >= COL_ALIGN:
+        cols -= cols % COL_ALIGN
+    return max(1, min(cols, vocab))
 
 
 def accumulate_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
@@ -90,81 +114,195 @@ def accumulate_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None
             acc[blk].addmm_(a[blk].float(), b32)
 
 
+def narrow_in_place(acc: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """acc (contiguous fp32) converted to a 2-byte dtype inside acc's own storage; returns that view.
+
+    Element i of the result lives at bytes [2i, 2i+2), which belong to fp32 element i/2, already
+    converted when the elements are taken in order. The first FIRST_NARROW go through a copy;
+    after that, each step converts [k, 2k): it writes bytes [2k, 4k) and reads [4k, 8k), so no
+    step reads what it writes. log2(n) small copies instead of a second N×H buffer.
+    """
+    flat = acc.view(-1)
+    out = flat.view(dtype)[: flat.numel()]
+    k = min(flat.numel(), FIRST_NARROW)
+    out[:k].copy_(flat[:k].clone())
+    while k < flat.numel():
+        end = min(2 * k, flat.numel())
+        out[k:end].copy_(flat[k:end])
+        k = end
+    return out.view(acc.shape)
+
+
+def autocast_off(device_type: str):
+    """torch.autocast(device, enabled=False) where that device type has autocast (not on meta)."""
+    if torch.amp.is_autocast_available(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
 def compute_dtypes(hidden: torch.Tensor, weight: torch.Tensor) -> tuple[torch.dtype, torch.dtype]:
     """(matmul dtype, loss dtype): the autocast dtype and float32 under autocast, else the input dtype."""
     device = hidden.device.type
-    if torch.is_autocast_enabled(device) and hidden.is_floating_point():
+    if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device) and hidden.is_floating_point():
         return torch.get_autocast_dtype(device), torch.float32
     if hidden.dtype != weight.dtype:
         raise ValueError(f"hidden ({hidden.dtype}) and weight ({weight.dtype}) must have the same dtype outside autocast")
     return hidden.dtype, hidden.dtype
 
 
-def chunk_logits(hidden, weight_c, compute_dtype):
-    """(rows, hidden chunk, logits chunk) over the tokens, in the compute dtype."""
-    n = hidden.shape[0]
-    step = chunk_rows(n, weight_c.shape[0], weight_c.element_size())
-    for start in range(0, n, step):
-        sl = slice(start, min(start + step, n))
-        h = hidden[sl].to(compute_dtype)
-        yield sl, h, h @ weight_c.T
+def launch_shape(n_rows: int, n_cols: int, device: torch.device) -> tuple[int, int, int]:
+    """(rows per tile, columns per tile, warps) of the chunk kernels. GPU: ~4096 elements a tile,
+    a chunk row in one or a few tiles. Interpreter: big tiles, since every program costs Python time."""
+    v_pow2 = fused.triton.next_power_of_2(max(n_cols, 1))
+    if device.type != "cuda":
+        block_n = min(fused.triton.next_power_of_2(max(n_rows, 1)), 256)
+        return block_n, min(v_pow2, max(1024, (1 << 18) // block_n)), 1
+    block_v = min(v_pow2, 4096)
+    return max(1, 4096 // block_v), block_v, 8 if block_v >= 2048 else 4
 
 
-def new_grad(x: torch.Tensor) -> torch.Tensor:
-    """A row-major buffer for x's gradient, whatever x's layout: the backward scales it row by row with a
-    kernel that assumes unit column stride (empty_like would copy a column-major input's strides)."""
-    return torch.empty(x.shape, dtype=x.dtype, device=x.device)
+class RowStats:
+    """Every row's running max, sum of exp(z - max), sum of z and target logit (fp32, on the device)."""
+
+    def __init__(self, n: int, device: torch.device):
+        self.m = torch.full((n,), float("-inf"), device=device)
+        self.s = torch.zeros(n, device=device)
+        self.z_sum = torch.zeros(n, device=device)
+        self.z_t = torch.zeros(n, device=device)
+
+    def fold(self, z: torch.Tensor, targets: torch.Tensor, col0: int, opts: dict) -> None:
+        n_rows, n_cols = z.shape
+        if n_rows == 0:
+            return
+        block_n, block_v, warps = launch_shape(n_rows, n_cols, z.device)
+        bf16_bits, (zk,) = fused._interpreter_view(z)
+        fused.kernels.chunk_stats_kernel[(fused.triton.cdiv(n_rows, block_n),)](
+            zk, z.stride(0), targets, self.m, self.s, self.z_sum, self.z_t, n_rows, n_cols, col0,
+            float(opts["softcap"] or 1.0), HAS_SMOOTHING=bool(opts["label_smoothing"]),
+            HAS_SOFTCAP=opts["softcap"] is not None, BLOCK_N=block_n, BLOCK_V=block_v, BF16_BITS=bf16_bits,
+            num_warps=warps)
 
 
-def backprop_chunk(logits, h, weight_c, sl, grad_hidden, grad_weight) -> None:
-    """logits holds dLoss/dlogits: add its share to grad_hidden (its rows) and grad_weight."""
-    if grad_hidden is not None:
-        if grad_hidden.dtype == logits.dtype:
-            torch.mm(logits, weight_c, out=grad_hidden[sl])
-        else:  # autocast: fp32 hidden, bf16 matmul; a chunk × H temporary
-            grad_hidden[sl] = logits @ weight_c
-    if grad_weight is not None:
-        accumulate_fp32(grad_weight, logits.T, h)
+def row_terms(stats: RowStats, targets, vocab: int, ignore_index: int, opts: dict):
+    """(row loss, row z-term, log-sum-exp) from the statistics, as ce_kernel's step 5: 0 on ignored rows,
+    NaN on rows whose target is outside [0, V); differences against the max before adding log s."""
+    valid = targets != ignore_index
+    bad = valid & ((targets < 0) | (targets >= vocab))
+    log_s = stats.s.log()
+    lse = stats.m + log_s
+    loss = (stats.m - stats.z_t) + log_s
+    eps, lam = opts["label_smoothing"], opts["z_loss"]
+    if eps:
+        loss = (1.0 - eps) * loss + eps * ((stats.m - stats.z_sum / vocab) + log_s)
+    z_term = lam * lse * lse
+    if lam:
+        loss = loss + z_term
+    nan = torch.full_like(loss, float("nan"))
+    return torch.where(bad, nan, torch.where(valid, loss, 0.0)), torch.where(valid, z_term, 0.0), lse
 
 
-def loss_rows(hidden, weight_c, targets, n_valid, compute_dtype, ignore_index, opts):
-    """Per-row loss and z-term, loss only: one matmul and one kernel pass per chunk."""
-    row_loss = torch.empty(hidden.shape[0], device=hidden.device, dtype=torch.float32)
-    row_z = torch.empty_like(row_loss)
-    for sl, _, logits in chunk_logits(hidden, weight_c, compute_dtype):
-        row_loss[sl], row_z[sl] = fused.fused_ce_rows(logits, targets[sl], None, n_valid, reduction="none",
-                                                      ignore_index=ignore_index, **opts)
-    return row_loss, row_z
+def row_factors(stats: RowStats, lse, targets, n_valid, vocab: int, ignore_index: int, opts: dict, reduction: str,
+                row_scale=None):
+    """(coef, scale) per row for chunk_grad_kernel: scale is the row's upstream factor (1/n_valid for
+    mean, 1 for sum, the row's upstream gradient for none; 0 ignored, NaN bad), coef = scale/s, times
+    the z-loss factor 1 + 2λ·lse."""
+    valid = targets != ignore_index
+    bad = valid & ((targets < 0) | (targets >= vocab))
+    if row_scale is not None:
+        scale = row_scale.float()
+    elif reduction == "mean":
+        scale = (1.0 / n_valid.clamp(min=1).float()).expand(targets.shape[0])
+    else:
+        scale = torch.ones(targets.shape[0], device=targets.device)
+    scale = torch.where(bad, float("nan"), torch.where(valid, scale, 0.0))
+    coef = scale / stats.s
+    if opts["z_loss"]:
+        coef = coef * (1.0 + 2.0 * opts["z_loss"] * lse)
+    return coef.contiguous(), scale.contiguous()
+
+
+def grad_chunk_(z: torch.Tensor, targets, stats: RowStats, coef, scale, col0: int, vocab: int, opts: dict) -> None:
+    """Overwrite one chunk of logits with dLoss/dz in place."""
+    n_rows, n_cols = z.shape
+    if n_rows == 0:
+        return
+    block_n, block_v, warps = launch_shape(n_rows, n_cols, z.device)
+    bf16_bits, (zk,) = fused._interpreter_view(z)
+    grid = (fused.triton.cdiv(n_rows, block_n), fused.triton.cdiv(n_cols, block_v))
+    fused.kernels.chunk_grad_kernel[grid](
+        zk, z.stride(0), targets, stats.m, coef, scale, n_rows, n_cols, col0, vocab,
+        float(opts["label_smoothing"]), float(opts["softcap"] or 1.0), HAS_SMOOTHING=bool(opts["label_smoothing"]),
+        HAS_SOFTCAP=opts["softcap"] is not None, BLOCK_N=block_n, BLOCK_V=block_v, BF16_BITS=bf16_bits,
+        num_warps=warps)
+
+
+def vocab_chunks(h: torch.Tensor, weight_c: torch.Tensor):
+    """(first column, columns, logits chunk h @ weight_c[cols].T) over the vocabulary."""
+    vocab = weight_c.shape[0]
+    step = chunk_cols(h.shape[0], vocab, weight_c.element_size())
+    for col0 in range(0, vocab, step):
+        cols = slice(col0, min(col0 + step, vocab))
+        yield col0, cols, h @ weight_c[cols].T
+
+
+def statistics(h, weight_c, targets, opts) -> RowStats:
+    """The statistics pass: every chunk's logits folded into the rows' running statistics."""
+    stats = RowStats(h.shape[0], h.device)
+    for col0, _, z in vocab_chunks(h, weight_c):
+        stats.fold(z, targets, col0, opts)
+    return stats
+
+
+def gradients(h, weight_c, targets, stats, coef, scale, opts, need_h, need_w, hidden_dtype, weight_dtype):
+    """The gradient pass: (grad_hidden, grad_weight) in the inputs' dtypes, or None where not needed."""
+    vocab, width = weight_c.shape
+    acc = torch.zeros(h.shape[0], width, device=h.device, dtype=torch.float32) if need_h else None
+    grad_weight = None
+    if need_w:
+        grad_weight = torch.empty(vocab, width, device=h.device,
+                                  dtype=weight_dtype if weight_dtype == h.dtype else torch.float32)
+    for col0, cols, z in vocab_chunks(h, weight_c):
+        grad_chunk_(z, targets, stats, coef, scale, col0, vocab, opts)
+        if need_w:
+            if grad_weight.dtype == z.dtype:  # one matmul over all tokens, fp32 inside, written once
+                torch.mm(z.T, h, out=grad_weight[cols])
+            else:  # autocast: fp32 weight gradient from bf16/fp16 products
+                grad_weight[cols].zero_()
+                accumulate_fp32(grad_weight[cols], z.T, h)
+        if need_h:
+            accumulate_fp32(acc, z, weight_c[cols])
+    grad_hidden = None
+    if need_h:
+        grad_hidden = acc if hidden_dtype == torch.float32 else narrow_in_place(acc, hidden_dtype)
+    if grad_weight is not None and grad_weight.dtype != weight_dtype:
+        grad_weight = grad_weight.to(weight_dtype)
+    return grad_hidden, grad_weight
 
 
 class FusedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, targets, reduction, compute_dtype, ignore_index, opts):
         need_h, need_w = ctx.needs_input_grad[:2]
-        ctx.spec = (reduction, compute_dtype, ignore_index, opts, weight.dtype)
+        vocab = weight.shape[0]
         n_valid = (targets != ignore_index).sum()  # stays on the device: no host sync
-        with torch.autocast(hidden.device.type, enabled=False):
-            weight_c = weight.to(compute_dtype)
+        with autocast_off(hidden.device.type):
+            h, weight_c = hidden.to(compute_dtype), weight.to(compute_dtype)
+            stats = statistics(h, weight_c, targets, opts)
+            row_loss, row_z, lse = row_terms(stats, targets, vocab, ignore_index, opts)
             if reduction == "none":  # the gradient needs each row's upstream gradient: backward
-                ctx.save_for_backward(hidden, weight, targets)
-                row_loss, row_z = loss_rows(hidden, weight_c, targets, n_valid, compute_dtype, ignore_index, opts)
+                ctx.save_for_backward(hidden, weight, targets, stats.m, stats.s, lse)
             else:
-                row_loss = torch.empty(hidden.shape[0], device=hidden.device, dtype=torch.float32)
-                row_z = torch.empty_like(row_loss)
-                grad_hidden = new_grad(hidden) if need_h else None
-                grad_weight = torch.zeros(weight.shape, device=weight.device, dtype=torch.float32) if need_w else None
-                for sl, h, logits in chunk_logits(hidden, weight_c, compute_dtype):
-                    row_loss[sl], row_z[sl] = fused.fused_ce_rows(
-                        logits, targets[sl], logits, n_valid, reduction=reduction, ignore_index=ignore_index, **opts)
-                    backprop_chunk(logits, h, weight_c, sl, grad_hidden, grad_weight)
-                ctx.grads = (grad_hidden, grad_weight)
+                coef, scale = row_factors(stats, lse, targets, n_valid, vocab, ignore_index, opts, reduction)
+                ctx.grads = gradients(h, weight_c, targets, stats, coef, scale, opts, need_h, need_w,
+                                      hidden.dtype, weight.dtype)
+        ctx.spec = (reduction, compute_dtype, ignore_index, opts)
         z_term = fused.reduce_rows(row_z, n_valid, reduction)
         ctx.mark_non_differentiable(z_term)
         return fused.reduce_rows(row_loss, n_valid, reduction), z_term
 
     @staticmethod
     def backward(ctx, grad_output, _grad_z_term):
-        reduction, compute_dtype, ignore_index, opts, weight_dtype = ctx.spec
+        reduction, compute_dtype, ignore_index, opts = ctx.spec
         if reduction == "none":
             grad_hidden, grad_weight = recompute_grads(ctx, grad_output.float().contiguous())
         else:
@@ -172,31 +310,27 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
             if grads is None:
                 raise RuntimeError(fused.SINGLE_USE.format(name="triton_fused_linear"))
             grad_hidden, grad_weight = (None if g is None else fused.scale_rows_(g, grad_output) for g in grads)
-        if grad_weight is not None:
-            grad_weight = grad_weight.to(weight_dtype)
         return grad_hidden, grad_weight, None, None, None, None, None
 
 
 def recompute_grads(ctx, grad_rows):
-    """reduction=none: recompute each chunk's logits, gradient times the per-row upstream gradient."""
-    reduction, compute_dtype, ignore_index, opts, _ = ctx.spec
-    hidden, weight, targets = ctx.saved_tensors
+    """reduction=none: the gradient pass with each row's upstream gradient, from the saved statistics."""
+    _, compute_dtype, ignore_index, opts = ctx.spec
+    hidden, weight, targets, m, s, lse = ctx.saved_tensors
+    stats = RowStats(0, hidden.device)
+    stats.m, stats.s = m, s
     need_h, need_w = ctx.needs_input_grad[:2]
-    grad_hidden = new_grad(hidden) if need_h else None
-    grad_weight = torch.zeros(weight.shape, device=weight.device, dtype=torch.float32) if need_w else None
     n_valid = (targets != ignore_index).sum()
-    with torch.autocast(hidden.device.type, enabled=False):
-        weight_c = weight.to(compute_dtype)
-        for sl, h, logits in chunk_logits(hidden, weight_c, compute_dtype):
-            fused.fused_ce_rows(logits, targets[sl], logits, n_valid, reduction="none", ignore_index=ignore_index,
-                                row_scale=grad_rows[sl], **opts)
-            backprop_chunk(logits, h, weight_c, sl, grad_hidden, grad_weight)
-    return grad_hidden, grad_weight
+    with autocast_off(hidden.device.type):
+        h, weight_c = hidden.to(compute_dtype), weight.to(compute_dtype)
+        coef, scale = row_factors(stats, lse, targets, n_valid, weight.shape[0], ignore_index, opts, "none",
+                                  row_scale=grad_rows)
+        return gradients(h, weight_c, targets, stats, coef, scale, opts, need_h, need_w, hidden.dtype, weight.dtype)
 
 
 def triton_fused_linear_ce(hidden, weight, targets, *, reduction="mean", ignore_index=-100, label_smoothing=0.0,
                            z_loss=0.0, softcap=None, return_z_loss=False):
-    """Chunked hidden @ weight.T through the fused kernel. return_z_loss=True returns (loss, z_term)."""
+    """Vocabulary chunks of hidden @ weight.T through our Triton kernels. return_z_loss=True returns (loss, z_term)."""
     fused.check_options(reduction, label_smoothing, z_loss, softcap)
     opts = {"label_smoothing": float(label_smoothing), "z_loss": float(z_loss),
             "softcap": None if softcap is None else float(softcap)}
@@ -205,11 +339,11 @@ def triton_fused_linear_ce(hidden, weight, targets, *, reduction="mean", ignore_
     if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
         loss, z_term = FusedLinearCrossEntropy.apply(h2, weight, flat_targets, reduction, compute_dtype,
                                                      ignore_index, opts)
-    else:  # evaluation: loss only, no gradient buffers
+    else:  # evaluation: the statistics pass alone, no gradient buffers
         n_valid = (flat_targets != ignore_index).sum()
-        with torch.autocast(hidden.device.type, enabled=False):
-            row_loss, row_z = loss_rows(h2, weight.to(compute_dtype), flat_targets, n_valid, compute_dtype,
-                                        ignore_index, opts)
+        with autocast_off(hidden.device.type):
+            stats = statistics(h2.to(compute_dtype), weight.to(compute_dtype), flat_targets, opts)
+            row_loss, row_z, _ = row_terms(stats, flat_targets, weight.shape[0], ignore_index, opts)
         loss, z_term = fused.reduce_rows(row_loss, n_valid, reduction), fused.reduce_rows(row_z, n_valid, reduction)
     loss, z_term = loss.to(loss_dtype), z_term.to(loss_dtype)
     return (loss, z_term) if return_z_loss else loss
@@ -220,6 +354,6 @@ def triton_fused_linear_ce(hidden, weight, targets, *, reduction="mean", ignore_
                   grad_in_forward=("mean", "sum"), available=fused.triton_unavailable_reason)
 def triton_fused_linear(hidden, weight, targets, *, reduction="mean", ignore_index=-100, label_smoothing=0.0,
                         z_loss=0.0, softcap=None):
-    """Token chunks of hidden @ weight.T through our fused Triton kernel; fp32 grad_weight."""
+    """Vocabulary chunks of hidden @ weight.T through our Triton kernels; fp32-accumulated gradients."""
     return triton_fused_linear_ce(hidden, weight, targets, reduction=reduction, ignore_index=ignore_index,
                                   label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap)

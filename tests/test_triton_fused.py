@@ -168,17 +168,20 @@ def test_linear_shapes(impls, N, V):
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_linear_over_several_chunks(impls, fused_linear, monkeypatch, dtype):
-    monkeypatch.setattr(fused_linear, "CHUNK_BYTES", 200 * 4 * 2)  # 2-4 rows of V=200 per chunk
-    assert fused_linear.chunk_rows(50, 200, 4) == 2
+    monkeypatch.setattr(fused_linear, "CHUNK_BYTES", 50 * 4 * 7)  # 7 (fp32) or 14 (bf16) of V=200 columns a chunk
+    assert fused_linear.chunk_cols(50, 200, 4) == 7
     assert_agrees(impls["triton_fused_linear"], Case("linear", N=50, V=200, H=16, dtype=dtype, ignore_frac=0.3,
                                                      label_smoothing=0.1, z_loss=1e-2, softcap=5.0))
 
 
-def test_linear_chunk_rows_follow_the_budget(fused_linear):
-    rows = fused_linear.chunk_rows(1 << 20, 128256, 2)
-    assert rows % fused_linear.ROW_ALIGN == 0 and rows * 128256 * 2 <= fused_linear.CHUNK_BYTES
-    assert fused_linear.chunk_rows(10, 128256, 2) == 10
-    assert fused_linear.chunk_rows(10, 1 << 30, 4) == 1
+def test_linear_chunk_cols_follow_the_budget(fused_linear, monkeypatch):
+    cols = fused_linear.chunk_cols(8192, 256000, 2)
+    assert cols % fused_linear.COL_ALIGN == 0 and 8192 * cols * 2 <= fused_linear.CHUNK_BYTES
+    assert fused_linear.chunk_cols(10, 300, 2) == 300  # a small vocabulary is one chunk
+    assert fused_linear.chunk_cols(1 << 30, 128256, 4) == 1  # at least one column
+    assert fused_linear.chunk_cols(0, 128256, 2) == 128256  # no tokens: one (empty) chunk
+    monkeypatch.setenv(fused_linear.CHUNK_ENV, "64")  # a GPU session may trade memory for fewer chunks
+    assert fused_linear.chunk_cols(8192, 256000, 2) == 4096
 
 
 def test_linear_return_z_loss_and_rejects_unknown_reductions(fused_linear):
