@@ -42,9 +42,10 @@ COMPILE_S = {"torch_compile": 15.0, "cce_torch_compile": 15.0, "quack": 10.0, "q
              "megatron_vp_fused": 15.0}  # per new shape (guess); Triton kernels: TRITON_JIT_S
 TRITON_JIT_S = 2.0
 # fraction of the floor's rate an implementation reaches (guesses from ANCHORS: QuACK ~0.9 of copy
-# bandwidth, torch.compile ~0.5, Liger ~0.3; linear kernels as a fraction of the bf16 matmul rate)
+# bandwidth, torch.compile ~0.5, Liger ~0.3; linear kernels as a fraction of the bf16 matmul rate, counting
+# 6·N·H·V: triton_fused_linear and CCE compute the logits twice, 8·N·H·V, so at most 0.75)
 EFFICIENCY = {"triton_fused": 0.8, "quack": 0.9, "torch_compile": 0.5, "liger": 0.3, "torch": 0.25, "chunked": 0.2,
-              "manual_logsoftmax": 0.1, "naive_softmax": 0.1, "triton_fused_linear": 0.6, "quack_linear": 0.9,
+              "manual_logsoftmax": 0.1, "naive_softmax": 0.1, "triton_fused_linear": 0.5, "quack_linear": 0.9,
               "cce": 0.6, "liger_linear": 0.4, "linear_torch": 0.5, "torch_linear": 0.5, "linear_chunked": 0.4,
               "cce_torch_compile": 0.5}
 DEFAULT_EFFICIENCY = 0.3
