@@ -40,10 +40,12 @@ Under torch.autocast the matmuls run in the autocast dtype (hidden and weight ar
 call, not per chunk), the loss comes back in float32 (as F.cross_entropy's does under autocast)
 and the gradients in the inputs' dtypes (fp32: the accumulator is the gradient).
 
-Chunk size: a chunk's logits take at most CHUNK_BYTES (16 MiB) in the compute dtype, in columns
-rounded down to a multiple of COL_ALIGN (256) when at least that many fit;
-CEBENCH_TRITON_LINEAR_CHUNK_MIB overrides it (a GPU session weighs memory against the
-accumulator's traffic). Options, bad targets (NaN rows) and integer options as in triton_fused.
+Chunk size: a chunk's logits take CHUNK_BYTES (16 MiB) in the compute dtype, in columns rounded
+down to a multiple of COL_ALIGN (256), but never fewer than COL_MIN (1024) columns, below which the
+accumulator's traffic outweighs what the smaller chunk saves (N = 8192 bf16: 1024 columns, 16 MiB;
+N = 16384: 1024 columns, 32 MiB). CEBENCH_TRITON_LINEAR_CHUNK_MIB overrides the budget (a GPU
+session weighs memory against the accumulator's traffic). Options, bad targets (NaN rows) and
+integer options as in triton_fused.
 """
 
 import contextlib
@@ -63,6 +65,11 @@ fused = sys.modules["cebench_plugin_triton_fused"]
 CHUNK_BYTES = 16 << 20
 CHUNK_ENV = "CEBENCH_TRITON_LINEAR_CHUNK_MIB"
 COL_ALIGN = 256
+# Fewest columns a chunk gets whatever the budget: each chunk reads and writes the fp32 grad_hidden
+# accumulator (N×H×8 bytes) for 2·N·H·cols FLOPs of its matmul, so on a GPU whose FLOP/s ÷ bandwidth
+# is ~210 (H100: ~700 TFLOP/s over ~3.3 TB/s) the accumulator costs ~210/cols of the matmul time:
+# 20 % at 1024 columns, 40 % at 512. Above N = CHUNK_BYTES / (COL_MIN · b) tokens the chunk grows.
+COL_MIN = 1024
 ACC_BLOCK_BYTES = 16 << 20  # bound on the temporary of the blocked fallback in accumulate_fp32
 FIRST_NARROW = 1 << 16  # narrow_in_place: elements converted through a copy before the doubling steps
 # devices whose addmm has the out_dtype overload (bf16/fp16 inputs, fp32 output); "meta" runs
@@ -77,8 +84,8 @@ def chunk_bytes() -> int:
 
 
 def chunk_cols(n_rows: int, vocab: int, element_size: int) -> int:
-    """Vocabulary columns per chunk so that one chunk of logits fits the budget, aligned to COL_ALIGN; ≥ 1."""
-    cols = max(1, chunk_bytes() // (max(n_rows, 1) * element_size))
+    """Vocabulary columns per chunk: as many as fit the budget, at least COL_MIN, aligned to COL_ALIGN; ≥ 1."""
+    cols = max(1, COL_MIN, chunk_bytes() // (max(n_rows, 1) * element_size))
     if cols >= COL_ALIGN:
         cols -= cols % COL_ALIGN
     return max(1, min(cols, vocab))
@@ -88,8 +95,9 @@ def accumulate_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None
     """acc += a @ b with acc in fp32, without an acc-sized temporary.
 
     Same dtypes: addmm_ in place. bf16/fp16 on CUDA: one addmm with out_dtype=fp32 writing into
-    acc (cuBLAS accumulates onto C). Elsewhere (the CPU has no mixed-dtype addmm): blocks of
-    rows of `a` upcast and added with addmm_, so the temporary stays below ACC_BLOCK_BYTES.
+    acc (cuBLAS accumulates onto C). Elsewhere (the CPU has no mixed-dtype addmm, an older torch
+    no out_dtype): blocks of rows of `a` upcast and added with addmm_, so the temporary stays
+    below ACC_BLOCK_BYTES, besides b upcast once (a chunk of weight rows, chunk × H).
     """
     global _dtype_addmm_ok
     if a.dtype == acc.dtype:
@@ -99,19 +107,18 @@ def accumulate_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None
         try:
             torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
             return
+        except TypeError:  # a torch without the out_dtype overload
+            _dtype_addmm_ok = False
         except RuntimeError as exc:  # "self and mat2 must have the same dtype" before the fp32-self relaxation
             if "dtype" not in str(exc):
                 raise
             _dtype_addmm_ok = False
+    # every torch, every device: blocks of rows of `a` upcast, added in place; b (chunk × H) upcast once
     rows = max(1, ACC_BLOCK_BYTES // (4 * max(a.shape[1], b.shape[1])))
-    on_gpu = acc.device.type in DTYPE_ADDMM_DEVICES  # here only when that torch refused the fp32 accumulator
-    b32 = None if on_gpu else b.float()  # chunk × H: small
+    b32 = b.float()
     for start in range(0, a.shape[0], rows):
         blk = slice(start, start + rows)
-        if on_gpu:
-            acc[blk].add_(torch.mm(a[blk], b, out_dtype=torch.float32))
-        else:
-            acc[blk].addmm_(a[blk].float(), b32)
+        acc[blk].addmm_(a[blk].float(), b32)
 
 
 def narrow_in_place(acc: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -76,6 +76,7 @@ def test_linear_none_with_any_upstream_gradient(impls, name, options, dtype):
 def test_linear_none_over_several_chunks(impls, monkeypatch):
     fused_linear = sys.modules["cebench_plugin_triton_fused_linear"]
     monkeypatch.setattr(fused_linear, "CHUNK_BYTES", 200 * 4 * 3)
+    monkeypatch.setattr(fused_linear, "COL_MIN", 1)
     assert_agrees(impls["triton_fused_linear"], Case("linear", N=20, V=200, H=8, reduction="none", ignore_frac=0.3,
                                                      z_loss=1e-2, label_smoothing=0.1))
 
@@ -94,7 +95,8 @@ def test_declarations(impls):
 @pytest.mark.parametrize("name", LINEAR)
 def test_linear_under_autocast(fns, name, dtype, monkeypatch):
     fused_linear = sys.modules["cebench_plugin_triton_fused_linear"]
-    monkeypatch.setattr(fused_linear, "CHUNK_BYTES", 301 * 2)  # a row a chunk: grad_weight sums 96 chunks
+    monkeypatch.setattr(fused_linear, "CHUNK_BYTES", 96 * 2 * 8)  # 8 columns a chunk: grad_hidden sums 38 chunks
+    monkeypatch.setattr(fused_linear, "COL_MIN", 1)
     hidden, weight, targets = _linear_inputs(n=96)
     errors = {}
     for impl in (name, "linear_torch"):

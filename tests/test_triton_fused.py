@@ -169,6 +169,7 @@ def test_linear_shapes(impls, N, V):
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_linear_over_several_chunks(impls, fused_linear, monkeypatch, dtype):
     monkeypatch.setattr(fused_linear, "CHUNK_BYTES", 50 * 4 * 7)  # 7 (fp32) or 14 (bf16) of V=200 columns a chunk
+    monkeypatch.setattr(fused_linear, "COL_MIN", 1)
     assert fused_linear.chunk_cols(50, 200, 4) == 7
     assert_agrees(impls["triton_fused_linear"], Case("linear", N=50, V=200, H=16, dtype=dtype, ignore_frac=0.3,
                                                      label_smoothing=0.1, z_loss=1e-2, softcap=5.0))
@@ -178,6 +179,8 @@ def test_linear_chunk_cols_follow_the_budget(fused_linear, monkeypatch):
     cols = fused_linear.chunk_cols(8192, 256000, 2)
     assert cols % fused_linear.COL_ALIGN == 0 and 8192 * cols * 2 <= fused_linear.CHUNK_BYTES
     assert fused_linear.chunk_cols(10, 300, 2) == 300  # a small vocabulary is one chunk
+    assert fused_linear.chunk_cols(16384, 256000, 2) == fused_linear.COL_MIN == 1024  # never narrower
+    monkeypatch.setattr(fused_linear, "COL_MIN", 1)
     assert fused_linear.chunk_cols(1 << 30, 128256, 4) == 1  # at least one column
     assert fused_linear.chunk_cols(0, 128256, 2) == 128256  # no tokens: one (empty) chunk
     monkeypatch.setenv(fused_linear.CHUNK_ENV, "64")  # a GPU session may trade memory for fewer chunks
