@@ -257,6 +257,7 @@ def statistics(h, weight_c, targets, opts) -> RowStats:
     stats = RowStats(h.shape[0], h.device)
     for col0, _, z in vocab_chunks(h, weight_c):
         stats.fold(z, targets, col0, opts)
+        del z  # else it lives on while the next chunk is computed: two chunks at the peak
     return stats
 
 
@@ -278,6 +279,7 @@ def gradients(h, weight_c, targets, stats, coef, scale, opts, need_h, need_w, hi
                 accumulate_fp32(grad_weight[cols], z.T, h)
         if need_h:
             accumulate_fp32(acc, z, weight_c[cols])
+        del z
     grad_hidden = None
     if need_h:
         grad_hidden = acc if hidden_dtype == torch.float32 else narrow_in_place(acc, hidden_dtype)

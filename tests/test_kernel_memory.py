@@ -8,6 +8,7 @@ allocation events (cebench.measure.peak_memory).
 """
 
 import sys
+import weakref
 
 import pytest
 import torch
@@ -117,3 +118,32 @@ def test_narrow_in_place_converts_inside_the_accumulator(fused_linear, monkeypat
     assert got.dtype == torch.bfloat16 and got.shape == acc.shape
     assert got.untyped_storage().data_ptr() == acc.untyped_storage().data_ptr()  # no second buffer
     assert torch.equal(got, expected)
+
+
+class LiveChunks(TorchDispatchMode):
+    """The most logits chunks (matmul outputs of a given shape) alive at once."""
+
+    def __init__(self, shape):
+        super().__init__()
+        self.shape, self.refs, self.most = shape, [], 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func is torch.ops.aten.mm.default and tuple(out.shape) == self.shape:
+            self.refs = [r for r in self.refs if r() is not None] + [weakref.ref(out)]
+            self.most = max(self.most, len(self.refs))
+        return out
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_one_chunk_of_logits_alive_at_a_time(fused_linear, monkeypatch, train):
+    n, cols = 64, 512
+    monkeypatch.setattr(fused_linear, "CHUNK_BYTES", n * cols * 4)
+    monkeypatch.setattr(fused_linear, "COL_MIN", 1)
+    hidden = torch.randn(n, 32).requires_grad_(train)
+    weight = (torch.randn(V, 32) / 6).requires_grad_(train)
+    with LiveChunks((n, cols)) as live:
+        loss = fused_linear.triton_fused_linear(hidden, weight, torch.randint(0, V, (n,)))
+        if train:
+            loss.backward()
+    assert live.most == 1, f"{live.most} chunks of logits alive at once"
