@@ -36,7 +36,7 @@ if [[ $STAGE == first ]]; then
   log "smoke on CUDA"
   timeout 150 python3 -m cebench run --suite smoke --device cuda --out "$W/runs" --no-report \
     > "$W/logs/smoke.log" 2>&1; log "smoke exit $?"; pack
-  IMPLS=triton_fused,triton_fused_linear,torch,linear_torch,torch_compile,liger,liger_linear,cce,torch_linear,chunked,linear_chunked
+  IMPLS=triton_fused,triton_fused_linear,torch,linear_torch,torch_compile,liger,liger_linear,cce,torch_linear,chunked,linear_chunked,cce_torch_compile
 else
   IMPLS=quack,quack_linear
 fi

@@ -230,3 +230,32 @@ def test_reports_dir_for_runs_in_results():
 
     assert default_reports_dir(RESULTS_DIR / "20260101-000000-smoke-cpu") == REPORTS_DIR
     assert default_reports_dir(Path("/tmp/x/run")) == Path("/tmp/x/reports")
+
+
+def test_cce_table1_beside_this_run_at_the_gemma2_head(tmp_path):
+    """Memory against the paper's MB directly; times as ratios to the baseline, the paper's and this run's; the
+    lower bound's row holds ours. A run without the head has no such table."""
+    from cebench.report_table1 import table1
+
+    run_id, writer = "20260102-030405-gemma2-cuda", RunWriter(tmp_path / "20260102-030405-gemma2-cuda")
+    case = "linear N=8192 V=256000 H=2304 bfloat16 mean"
+    measured = {"linear_torch": (200.0, 24500.0), "cce": (100.0, 1170.0), "triton_fused_linear": (90.0, 1213.0)}
+    for impl, (ms, mib) in measured.items():
+        for mode, scale in (("forward+backward", 1.0), ("eval", 0.4)):
+            shape = {"N": 8192, "V": 256000, "H": 2304, "dtype": "bfloat16", "case": case, "device": "cuda"}
+            for metric, value in (("time", ms * scale), ("peak_memory", mib * scale)):
+                writer.write_row({**_row(run_id, "linear", 256000, 2304, impl, mode, metric, value), **shape})
+    writer.close()
+    write_env(tmp_path / run_id, {"device": "cuda", "suite": "gemma2"})
+    tab = table1(report_data.load(tmp_path / run_id).frame)
+    rows = {(r[0].text, r[2].text): [c.text for c in r] for r in tab.rows}
+    assert rows[("CCE", "loss + gradient")][3:] == ["1,164", "1,170", f"{1170 / 1164:.2f}", f"{135 / 207:.2f}", "0.50"]
+    assert rows[("CCE", "loss")][3:] == ["1", "468", "468.00", f"{43 / 82:.2f}", "0.50"]
+    assert rows[("baseline", "loss + gradient")][4:] == ["24,500", f"{24500 / 28000:.2f}", "1.00", "1.00"]
+    assert rows[("lower bound", "loss + gradient")][1:] == ["triton_fused_linear", "loss + gradient", "1,161", "1,213",
+                                                            f"{1213 / 1161:.2f}", "—", "0.45"]
+    assert rows[("lower bound", "loss")][5] == "—"  # 0.004 MB is no yardstick
+    assert rows[("Liger", "loss + gradient")][4:] == ["—", "—", f"{303 / 207:.2f}", "—"]  # not measured: said so
+    assert "Table 1" in write_reports(tmp_path / run_id)["markdown"].read_text()
+    plain = report_data.load(write_run(tmp_path, "20260102-030405-synthetic-cpu", standard_cells())).frame
+    assert table1(plain) is None
