@@ -144,7 +144,8 @@ def environment(device: str, suite_name: str, suite_hash: str, argv: list[str] |
         "nvidia_cutlass_dsl": _version("nvidia-cutlass-dsl"),
         "megatron_core": _version("megatron-core"),
         "cebench": _version("cebench"),
-        "git_commit": _git("rev-parse", "HEAD"),
+        # a copy without .git (a device machine's working tree) names its commit in CEBENCH_GIT_COMMIT
+        "git_commit": _git("rev-parse", "HEAD") or os.environ.get("CEBENCH_GIT_COMMIT"),
         # run outputs (results/, reports/) are data, not a change to the code that measured them
         "git_dirty": bool(_git("status", "--porcelain", "--", ".", ":!results", ":!reports")),
         "argv": list(argv if argv is not None else sys.argv),
@@ -152,6 +153,8 @@ def environment(device: str, suite_name: str, suite_hash: str, argv: list[str] |
         "suite_hash": suite_hash,
         "triton_interpret": os.environ.get("TRITON_INTERPRET") == "1",
         "torch_threads": torch.get_num_threads(),
+        # knobs that change what is measured (CEBENCH_TRITON_FUSED_CONFIG, CEBENCH_TRITON_LINEAR_CHUNK_MIB, ...)
+        "cebench_env": {k: v for k, v in sorted(os.environ.items()) if k.startswith("CEBENCH_")},
     }
     return env
 

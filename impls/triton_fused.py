@@ -101,6 +101,10 @@ CANDIDATE_CONFIGS = (
     LaunchConfig("l2-loose", 4096, 8, 2, 0.8, 8192),
     # control: no L2 sizing (every SM busy); against "balanced" it measures what the sizing buys
     LaunchConfig("unbounded", 4096, 8, 2, 0.0, 8192),
+    # more bytes in flight per program: the L2 cap leaves ~100 programs at V=128256 (~50 at 256000), one
+    # 8-warp program per SM, and with 4096-column tiles each has only 8 KB of loads outstanding (~0.8 MB on the
+    # chip, where Little's law wants ~3 MB at 3.35 TB/s); 16384 columns give 32 KB a program
+    LaunchConfig("deep", 16384, 8, 1, 0.5, 8192),
 )
 
 

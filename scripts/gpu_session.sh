@@ -4,8 +4,13 @@
 #
 #   bash scripts/gpu_session.sh first    # peers + smoke on CUDA + gpu-headline (ours, torch, compile, Liger, CCE)
 #   bash scripts/gpu_session.sh second   # QuACK and Megatron cells of gpu-headline (carry the quack wheels)
-#   BUDGET_S=300 bash scripts/gpu_session.sh first   # seconds the headline may run before it is stopped
-# Device call: run(command="bash scripts/gpu_session.sh first", carry=[".whl"], timeout_s=580)
+#   DEADLINE_S=540 bash scripts/gpu_session.sh first  # seconds after which the headline is stopped and packed
+# Device call, with the commit this tree is (the device's copy has no .git; env.json records it):
+#   run(command="CEBENCH_GIT_COMMIT=<git rev-parse HEAD> bash scripts/gpu_session.sh first", carry=[".whl"],
+#       timeout_s=580)
+# First call: install, smoke on CUDA, scripts/tune_triton_fused.py (every launch config of our logits kernel
+# against the measured bandwidths, ~1 min; the best is exported as CEBENCH_TRITON_FUSED_CONFIG for the
+# headline), then the headline until the deadline.
 #
 # Prepare here: scripts/wheelhouse.sh .whl first; carry [".whl"]. For the second call rebuild it with only
 # QuACK's wheels (rm -r .whl; scripts/wheelhouse.sh .whl quack: 62 MiB, the limit is 64 with the tree).
@@ -15,7 +20,7 @@ set -uo pipefail
 STAGE=${1:-first}
 OUT=${OUT:-/tmp/cebench-out}  # what comes back: results.tar.xz and session.log only (8 files at most)
 W=/tmp/cebench-work            # runs and logs are written here as they come, then packed into $OUT
-BUDGET_S=${BUDGET_S:-330}  # with install (~30 s) and smoke (<=150 s): the call fits timeout_s=580
+DEADLINE_S=${DEADLINE_S:-545}  # the headline gets what is left of this after install, smoke and tuning (timeout_s=580)
 SITE=/tmp/site
 mkdir -p "$OUT" "$W/runs" "$W/logs"
 export PYTHONUNBUFFERED=1
@@ -36,11 +41,17 @@ if [[ $STAGE == first ]]; then
   log "smoke on CUDA"
   timeout 150 python3 -m cebench run --suite smoke --device cuda --out "$W/runs" --no-report \
     > "$W/logs/smoke.log" 2>&1; log "smoke exit $?"; pack
+  log "tune triton_fused's launch config"
+  timeout 100 python3 scripts/tune_triton_fused.py --json "$W/logs/tune.json" > "$W/logs/tune.log" 2>&1
+  RC=$?; BEST=$(sed -n 's/^best: //p' "$W/logs/tune.log")
+  if [[ -n $BEST && $BEST != None ]]; then export CEBENCH_TRITON_FUSED_CONFIG=$BEST; fi
+  log "tuning exit $RC, config ${CEBENCH_TRITON_FUSED_CONFIG:-default}"; pack
   IMPLS=triton_fused,triton_fused_linear,torch,linear_torch,torch_compile,liger,liger_linear,cce,torch_linear,chunked,linear_chunked,cce_torch_compile
 else
   IMPLS=quack,quack_linear
 fi
 
+BUDGET_S=$((DEADLINE_S - SECONDS)); (( BUDGET_S < 60 )) && BUDGET_S=60
 log "gpu-headline ($IMPLS), budget ${BUDGET_S}s"
 python3 -m cebench run --suite gpu-headline --impl "$IMPLS" --out "$W/runs" --no-report \
   > "$W/logs/headline.log" 2>&1 &

@@ -123,6 +123,16 @@ def test_environment_on_the_cpu(monkeypatch):
     assert results.environment("cpu", "s", "h")["argv"] == sys.argv
 
 
+def test_environment_records_the_knobs_and_a_commit_named_by_the_environment(monkeypatch):
+    monkeypatch.setenv("CEBENCH_TRITON_FUSED_CONFIG", "wide")
+    monkeypatch.setenv("CEBENCH_GIT_COMMIT", "f" * 40)
+    env = results.environment("cpu", "s", "h")
+    assert env["cebench_env"]["CEBENCH_TRITON_FUSED_CONFIG"] == "wide"
+    assert env["git_commit"] == results._git("rev-parse", "HEAD")  # a checkout's own commit comes first
+    monkeypatch.setattr(results, "_git", lambda *args: None)  # a device machine's copy: no .git
+    assert results.environment("cpu", "s", "h")["git_commit"] == "f" * 40
+
+
 def test_library_versions_by_distribution_name(monkeypatch):
     monkeypatch.setattr(results, "_version", lambda name: f"version of {name}")
     env = results.environment("cpu", "s", "h")

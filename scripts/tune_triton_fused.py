@@ -1,0 +1,130 @@
+"""Time every launch config of our logits kernel on this GPU, against its measured ceilings; name the best.
+
+Issue 11.3 holds `triton_fused` to 0.90 of the copy bandwidth (training: read the logits, write the
+gradient in place, 2·N·V·b bytes) and 0.90 of the read bandwidth (eval: N·V·b bytes). The kernel's
+launch configs (impls/triton_fused.py, CANDIDATE_CONFIGS) trade rows in flight (L2 reuse between the
+two passes) against bytes in flight (latency hiding); which wins is a property of the GPU, so it is
+measured here, in one go, before the headline run:
+  for each config × V (N and dtype fixed), the kernel alone (fused_ce_rows, as triton_fused calls it),
+  checked first against F.cross_entropy in float32 (a config that computes a different loss is out),
+  then timed with triton.testing.do_bench (L2 flushed before every call, median).
+The rows (config, V, mode, ms, GB/s, fraction of the ceiling) go to --json; the best config is the one
+with the highest geometric mean of the training fraction over the V's, printed last as `best: NAME`
+so that a session script can export CEBENCH_TRITON_FUSED_CONFIG=NAME for the run that follows (env.json
+records it). CUDA only.
+
+    python scripts/tune_triton_fused.py --json tune.json            # N=8192 bf16, V in 32000 50257 128256 256000
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+VOCABS = (32000, 50257, 128256, 256000)
+
+
+def load_kernel():
+    from cebench.registry import load_file
+    load_file(ROOT / "impls" / "triton_fused.py")
+    return sys.modules["cebench_plugin_triton_fused"]
+
+
+def check(fused, config, logits, targets) -> float:
+    """Relative error of the kernel's mean loss against F.cross_entropy in float32."""
+    import torch
+    import torch.nn.functional as F
+
+    x = logits.clone()
+    n_valid = torch.tensor(x.shape[0], device=x.device)
+    rows, _ = fused.fused_ce_rows(x, targets, x, n_valid, reduction="mean", ignore_index=-100, label_smoothing=0.0,
+                                  z_loss=0.0, softcap=None, config=config)
+    want = F.cross_entropy(logits.float(), targets)
+    return abs(float(rows.mean()) - float(want)) / abs(float(want))
+
+
+def time_config(fused, config, logits, targets) -> dict[str, float]:
+    """Median ms of the training call (gradient written over the logits) and of the loss-only call."""
+    import torch
+    from triton.testing import do_bench
+
+    n_valid = torch.tensor(logits.shape[0], device=logits.device)
+    opts = {"reduction": "mean", "ignore_index": -100, "label_smoothing": 0.0, "z_loss": 0.0, "softcap": None,
+            "config": config}
+    # in place: every call overwrites the buffer with a gradient, whose values cost the kernel the same
+    train = do_bench(lambda: fused.fused_ce_rows(logits, targets, logits, n_valid, **opts), warmup=25, rep=100,
+                     return_mode="median")
+    evaluate = do_bench(lambda: fused.fused_ce_rows(logits, targets, None, n_valid, **opts), warmup=25, rep=100,
+                        return_mode="median")
+    return {"forward+backward": train, "eval": evaluate}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", type=int, default=8192)
+    parser.add_argument("--vocab", type=int, nargs="+", default=list(VOCABS))
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args(argv)
+    import torch
+
+    from cebench import probe
+
+    fused = load_kernel()
+    device = "cuda"
+    roof = probe.run_probe(device)
+    rows, start = [], time.perf_counter()
+    for vocab in args.vocab:
+        gen = torch.Generator(device=device).manual_seed(vocab)
+        pristine = (torch.randn(args.tokens, vocab, device=device, generator=gen) * 2).to(torch.bfloat16)
+        targets = torch.randint(0, vocab, (args.tokens,), device=device, generator=gen)
+        for config in fused.CANDIDATE_CONFIGS:
+            row = {"config": config.name, "N": args.tokens, "V": vocab, "dtype": "bfloat16"}
+            try:
+                row["rel_err_loss"] = check(fused, config, pristine, targets)
+                if not row["rel_err_loss"] < 1e-2:
+                    raise ValueError(f"loss off by {row['rel_err_loss']:.2e} relative")
+                times = time_config(fused, config, pristine.clone(), targets)
+            except Exception as exc:  # noqa: BLE001 - a config that fails is reported, not fatal
+                rows.append({**row, "error": f"{type(exc).__name__}: {exc}"[:300]})
+                print(f"{config.name:10} V={vocab:6}  failed: {rows[-1]['error']}", flush=True)
+                continue
+            for mode, ms in times.items():
+                moved = args.tokens * vocab * 2 * (2 if mode == "forward+backward" else 1)
+                gbps = moved / (ms * 1e-3) / 1e9
+                top = roof.get("copy_bandwidth_gbps" if mode == "forward+backward" else "read_bandwidth_gbps")
+                rows.append({**row, "mode": mode, "ms": ms, "gbps": gbps, "fraction": gbps / top if top else None})
+                print(f"{config.name:10} V={vocab:6} {mode:16} {ms:8.3f} ms {gbps:7.0f} GB/s "
+                      f"{rows[-1]['fraction'] or float('nan'):.2f} of the {'copy' if 'backward' in mode else 'read'} "
+                      f"bandwidth", flush=True)
+        del pristine
+        torch.cuda.empty_cache()
+    best = best_config(rows)
+    if args.json:
+        args.json.write_text(json.dumps({"probe": roof, "rows": rows, "best": best, "device": torch.cuda.get_device_name(),
+                                         "seconds": round(time.perf_counter() - start, 1)}, indent=1))
+    print(f"best: {best}")
+    return 0 if best else 1
+
+
+def best_config(rows: list[dict]) -> str | None:
+    """The config with the highest geometric mean of its training fraction over every V it ran; None if none ran
+    everywhere (a config that failed at some V is out)."""
+    vocabs = {r["V"] for r in rows}
+    scores = {}
+    for name in dict.fromkeys(r["config"] for r in rows):
+        train = {r["V"]: r["fraction"] for r in rows
+                 if r["config"] == name and r.get("mode") == "forward+backward" and r.get("fraction")}
+        if set(train) == vocabs:
+            scores[name] = math.exp(sum(math.log(f) for f in train.values()) / len(train))
+    return max(scores, key=scores.get) if scores else None
+
+
+if __name__ == "__main__":
+    sys.exit(main())

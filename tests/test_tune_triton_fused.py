@@ -1,0 +1,59 @@
+"""scripts/tune_triton_fused.py, the parts that run without a GPU: its correctness gate and its choice.
+
+The timing needs CUDA (do_bench, the probe); what decides which config the headline runs with does not:
+a config whose loss disagrees with F.cross_entropy is out, one that failed at any vocabulary is out, and
+the best is the highest geometric mean of the training fraction of the copy bandwidth.
+"""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def tune(impls):
+    spec = importlib.util.spec_from_file_location("tune_triton_fused", ROOT / "scripts" / "tune_triton_fused.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _rows(**fractions):
+    return [{"config": name, "V": v, "mode": "forward+backward", "fraction": f}
+            for name, by_v in fractions.items() for v, f in by_v.items()]
+
+
+def test_best_is_the_highest_geometric_mean_over_every_vocabulary(tune):
+    rows = _rows(balanced={32000: 0.9, 256000: 0.4}, deep={32000: 0.7, 256000: 0.6})
+    assert tune.best_config(rows) == "deep"  # 0.648 against 0.600: the arithmetic mean would pick balanced
+    rows += [{"config": "deep", "V": 32000, "mode": "eval", "fraction": 0.1}]  # eval does not vote
+    assert tune.best_config(rows) == "deep"
+
+
+def test_a_config_that_failed_anywhere_is_out(tune):
+    rows = _rows(balanced={32000: 0.5, 256000: 0.5}, deep={32000: 0.9})
+    rows.append({"config": "deep", "V": 256000, "error": "OutOfResources: shared memory"})
+    assert tune.best_config(rows) == "balanced"
+    assert tune.best_config([{"config": "deep", "V": 1, "error": "x"}]) is None
+
+
+def test_the_gate_measures_the_kernel_against_float32_cross_entropy(tune):
+    fused = tune.load_kernel()
+    torch.manual_seed(0)
+    logits = (torch.randn(16, 300) * 2).to(torch.bfloat16)
+    targets = torch.randint(0, 300, (16,))
+    before = logits.clone()
+    assert tune.check(fused, fused.CANDIDATE_CONFIGS[0], logits, targets) < 1e-2
+    assert torch.equal(logits, before)  # the gate works on a copy: the timed buffer is the pristine one
+
+
+def test_the_gate_catches_a_config_that_computes_another_loss(tune, monkeypatch):
+    fused = tune.load_kernel()
+    real = fused.fused_ce_rows
+    monkeypatch.setattr(fused, "fused_ce_rows", lambda *a, **k: tuple(t * 1.05 for t in real(*a, **k)))
+    logits, targets = torch.randn(16, 300).to(torch.bfloat16), torch.randint(0, 300, (16,))
+    assert tune.check(fused, fused.CANDIDATE_CONFIGS[0], logits, targets) == pytest.approx(0.05, rel=0.05)
