@@ -11,7 +11,7 @@ in max-subtraction and in the gradient). That is the "gaussian" distribution; "l
 from __future__ import annotations
 
 import hashlib
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 
@@ -43,6 +43,9 @@ class Case:
     # "confident" (target p close to 1) or "unlikely" (close to 0); see cebench.distributions
     distribution: str = "gaussian"
     model: str | None = None  # the model preset(s) this head is (a label for the report; V and H are the shape)
+    # the same cell measured again later in the run (take 2, 3, ...; same inputs): the report compares the takes'
+    # medians, which is how stable a timing is within one run; part of the id, so each take has its own rows
+    take: int = 1
 
     def __post_init__(self):
         validate_case(self)
@@ -62,6 +65,8 @@ class Case:
         for key, default in (("ignore_frac", 0.0), ("label_smoothing", 0.0), ("z_loss", 0.0), ("softcap", None)):
             if getattr(self, key) != default:
                 parts.append(f"{key}={getattr(self, key)}")
+        if self.take != 1:
+            parts.append(f"take={self.take}")
         return " ".join(parts)
 
     @property
@@ -125,10 +130,13 @@ def validate_case(case: Case) -> None:
                         f"tokens' weights outweigh the target's and the drawn losses are out of reach), got H={case.H}")
     if case.softcap is not None and case.softcap <= 0:
         raise CaseError(f"softcap must be positive or absent, got {case.softcap!r}")
+    if not isinstance(case.take, int) or isinstance(case.take, bool) or case.take < 1:
+        raise CaseError(f"take must be a positive integer (1: the first measurement of a cell), got {case.take!r}")
 
 
 def _generator(case: Case, device: str, salt: str) -> torch.Generator:
-    digest = hashlib.sha256(f"{case.id}|{case.seed}|{salt}".encode()).digest()
+    first_take = replace(case, take=1).id  # a later take of a cell is measured on the very same inputs
+    digest = hashlib.sha256(f"{first_take}|{case.seed}|{salt}".encode()).digest()
     gen = torch.Generator(device=device)
     gen.manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
     return gen

@@ -294,10 +294,11 @@ def family_tables(frame: pd.DataFrame, family: str, trust: report_trust.Trust | 
     the linear family at the Gemma 2 2B head the CCE paper's Table 1 beside this run's figures."""
     from cebench.report_accuracy import accuracy_table  # these build on this module's cells
     from cebench.report_roofline import roofline_table
+    from cebench.report_stability import stability_table
     from cebench.report_table1 import table1
 
     tables = [time_table(frame, family, trust), memory_table(frame, family), speedup_table(frame, family),
-              roofline_table(frame, family, roof), accuracy_table(frame, family),
+              roofline_table(frame, family, roof), accuracy_table(frame, family), stability_table(frame, family),
               table1(frame) if family == "linear" else None]
     return [t for t in tables if t is not None]
 

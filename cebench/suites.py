@@ -19,6 +19,7 @@
     world_size = [1, 2]        # vocab_parallel families: ranks to shard V over (default: --nproc)
     distribution = ["gaussian", "lm"]   # the inputs (cebench.cases, cebench.distributions): "gaussian"
                                # (default), "lm" (peaked, 2.5 nats), "confident" (target p ~ 1), "unlikely" (p ~ 0)
+    take = [2]                 # measure these cells again (same inputs), for the report's stability table
 
 Every error names the file, the key and the form expected.
 """
@@ -57,6 +58,7 @@ _GRID_KEYS = {
     "seed": (int, "a list of integers"),
     "world_size": (int, "a list of positive integers (vocab_parallel families only; default: --nproc)"),
     "distribution": (str, f"a list of {', '.join(repr(d) for d in DISTRIBUTIONS)}"),
+    "take": (int, "a list of positive integers (2: the same cell measured again, for its stability)"),
 }
 _FAMILIES = ("logits", "linear", "vocab_parallel", "vocab_parallel_linear")
 _SCALAR_KEYS = {"family": (str, " or ".join(f'"{f}"' for f in _FAMILIES))}
@@ -202,6 +204,7 @@ def _expand(path: Path, where: str, family: str, values: dict) -> list[Case]:
         "ignore_frac": values.get("ignore_frac", [0.0]), "label_smoothing": values.get("label_smoothing", [0.0]),
         "z_loss": values.get("z_loss", [0.0]), "softcap": values.get("softcap", [None]), "seed": values.get("seed", [0]),
         "world_size": values.get("world_size", [None]), "distribution": values.get("distribution", ["gaussian"]),
+        "take": values.get("take", [1]),
     }
     cases = []
     for combo in itertools.product(*axes.values()):

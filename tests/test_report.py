@@ -259,3 +259,26 @@ def test_cce_table1_beside_this_run_at_the_gemma2_head(tmp_path):
     assert "Table 1" in write_reports(tmp_path / run_id)["markdown"].read_text()
     plain = report_data.load(write_run(tmp_path, "20260102-030405-synthetic-cpu", standard_cells())).frame
     assert table1(plain) is None
+
+
+def test_stability_sets_each_take_beside_the_first_and_marks_a_spread_above_3_percent(tmp_path):
+    from cebench.report_stability import first_take, stability_table
+
+    run_id, writer = "20260102-030405-stab-cuda", RunWriter(tmp_path / "20260102-030405-stab-cuda")
+    medians = {("torch", 1): 2.00, ("torch", 2): 2.04, ("lean", 1): 3.00, ("lean", 2): 3.15, ("solo", 1): 1.0}
+    for (impl, take), ms in medians.items():
+        suffix = "" if take == 1 else f" take={take}"
+        writer.write_row({**_row(run_id, "logits", 1024, None, impl, "forward+backward", "time", ms),
+                          "case": case_id("logits", 1024) + suffix})
+    writer.close()
+    write_env(tmp_path / run_id, {"device": "cuda"})
+    tab = stability_table(report_data.load(tmp_path / run_id).frame, "logits")
+    cells = {r[1].text: r for r in tab.rows}
+    assert set(cells) == {"torch", "lean"}  # a cell measured once has no spread
+    assert cells["torch"][3].text == "take 1: 2 ms, take 2: 2.04 ms"
+    assert (cells["torch"][4].text, cells["torch"][4].status) == ("2.0%", "ok")
+    assert (cells["lean"][4].text, cells["lean"][4].status) == ("5.0%", "untrusted")
+    assert cells["lean"][0].text == case_id("logits", 1024)
+    assert first_take("logits N=8 V=10 float32 mean take=3") == ("logits N=8 V=10 float32 mean", 3)
+    assert stability_table(report_data.load(write_run(tmp_path, "20260102-030405-plain-cpu", standard_cells())).frame,
+                           "logits") is None

@@ -1,6 +1,7 @@
 """Suite files: every shipped suite loads, and bad files are rejected with file, key and form."""
 
 import pytest
+import torch
 
 from cebench import suites
 
@@ -56,3 +57,18 @@ def test_batch_times_seq_gives_tokens(tmp_path):
 def test_unknown_suite_lists_known():
     with pytest.raises(suites.SuiteError, match="smoke"):
         suites.load("no-such-suite")
+
+
+def test_take_measures_a_cell_again_under_its_own_id(tmp_path):
+    path = tmp_path / "stab.toml"
+    path.write_text('name = "stab"\n[[sweep]]\nfamily = "logits"\nN = [8]\nV = [16]\ntake = [1, 2]\n')
+    first, second = (case for case, _, _ in suites.load(str(path)).cells())
+    assert (first.take, second.take) == (1, 2) and second.id == first.id + " take=2"
+    assert {k: v for k, v in first.as_dict().items() if k != "take"} == \
+        {k: v for k, v in second.as_dict().items() if k != "take"}  # only the take differs
+    from cebench.cases import make_inputs
+    assert all(torch.equal(a, b) for a, b in zip(make_inputs(first, "cpu").values(), make_inputs(second, "cpu").values(),
+                                                 strict=True))  # and the inputs are the very same
+    path.write_text('name = "stab"\n[[sweep]]\nfamily = "logits"\nN = [8]\nV = [16]\ntake = [0]\n')
+    with pytest.raises(suites.SuiteError, match="take must be a positive integer"):
+        suites.load(str(path))
