@@ -142,6 +142,21 @@ def narrow_in_place(acc: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return out.view(acc.shape)
 
 
+@contextlib.contextmanager
+def fp32_reductions():
+    """cuBLAS may add split-K partial sums in bf16/fp16 unless told not to, and torch allows it by default.
+    grad_weight's matmul per chunk (chunk × H outputs, K = N tokens) is the shape split-K is chosen for, and
+    this implementation promises fp32 accumulation inside every matmul: the two flags are cleared for its
+    calls and restored after."""
+    flags = torch.backends.cuda.matmul
+    saved = flags.allow_bf16_reduced_precision_reduction, flags.allow_fp16_reduced_precision_reduction
+    flags.allow_bf16_reduced_precision_reduction = flags.allow_fp16_reduced_precision_reduction = False
+    try:
+        yield
+    finally:
+        flags.allow_bf16_reduced_precision_reduction, flags.allow_fp16_reduced_precision_reduction = saved
+
+
 def autocast_off(device_type: str):
     """torch.autocast(device, enabled=False) where that device type has autocast (not on meta)."""
     if torch.amp.is_autocast_available(device_type):
@@ -271,23 +286,29 @@ def gradients(h, weight_c, targets, stats, coef, scale, opts, need_h, need_w, hi
     if need_w:
         grad_weight = torch.empty(vocab, width, device=h.device,
                                   dtype=weight_dtype if weight_dtype == h.dtype else torch.float32)
-    for col0, cols, z in vocab_chunks(h, weight_c):
-        grad_chunk_(z, targets, stats, coef, scale, col0, vocab, opts)
-        if need_w:
-            if grad_weight.dtype == z.dtype:  # one matmul over all tokens, fp32 inside, written once
-                torch.mm(z.T, h, out=grad_weight[cols])
-            else:  # autocast: fp32 weight gradient from bf16/fp16 products
-                grad_weight[cols].zero_()
-                accumulate_fp32(grad_weight[cols], z.T, h)
-        if need_h:
-            accumulate_fp32(acc, z, weight_c[cols])
-        del z
+    with fp32_reductions():
+        for col0, cols, z in vocab_chunks(h, weight_c):
+            _backprop_chunk(z, h, weight_c, cols, col0, targets, stats, coef, scale, opts, acc, grad_weight)
+            del z  # else it lives on while the next chunk is computed: two chunks at the peak
     grad_hidden = None
     if need_h:
         grad_hidden = acc if hidden_dtype == torch.float32 else narrow_in_place(acc, hidden_dtype)
     if grad_weight is not None and grad_weight.dtype != weight_dtype:
         grad_weight = grad_weight.to(weight_dtype)
     return grad_hidden, grad_weight
+
+
+def _backprop_chunk(z, h, weight_c, cols, col0, targets, stats, coef, scale, opts, acc, grad_weight) -> None:
+    """One chunk of the gradient pass: dL/dz over the chunk in place, then its share of both gradients."""
+    grad_chunk_(z, targets, stats, coef, scale, col0, weight_c.shape[0], opts)
+    if grad_weight is not None:
+        if grad_weight.dtype == z.dtype:  # one matmul over all tokens, fp32 inside, written once
+            torch.mm(z.T, h, out=grad_weight[cols])
+        else:  # autocast: fp32 weight gradient from bf16/fp16 products
+            grad_weight[cols].zero_()
+            accumulate_fp32(grad_weight[cols], z.T, h)
+    if acc is not None:
+        accumulate_fp32(acc, z, weight_c[cols])
 
 
 class FusedLinearCrossEntropy(torch.autograd.Function):

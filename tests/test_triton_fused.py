@@ -274,3 +274,23 @@ def test_softcap_is_accurate_to_a_few_ulp(fused, cap):
     exact = cap * torch.tanh(x.double() / cap)
     rel = (row_z.double().sqrt() - exact.abs()).abs() / exact.abs().clamp_min(1e-30)
     assert rel.max() < 4e-7, f"worst {rel.max():.2e} at x = {x[rel.argmax()].item():.3g}"
+
+
+def test_linear_gradient_matmuls_run_without_reduced_precision_reductions(fused_linear, monkeypatch):
+    # grad_weight's per-chunk matmul (chunk × H outputs, K = N) is split-K's shape; cuBLAS may then add the
+    # partial sums in bf16 where torch's default flags allow it. Ours clears them for its matmuls, and restores
+    flags = torch.backends.cuda.matmul
+    monkeypatch.setattr(flags, "allow_bf16_reduced_precision_reduction", True)
+    monkeypatch.setattr(flags, "allow_fp16_reduced_precision_reduction", True)
+    seen, mm = [], torch.mm
+
+    def recording_mm(*args, **kwargs):
+        seen.append((flags.allow_bf16_reduced_precision_reduction, flags.allow_fp16_reduced_precision_reduction))
+        return mm(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "mm", recording_mm)
+    hidden = torch.randn(12, 16).to(torch.bfloat16).requires_grad_()
+    weight = torch.randn(300, 16).to(torch.bfloat16).requires_grad_()
+    fused_linear.triton_fused_linear(hidden, weight, torch.randint(0, 300, (12,))).backward()
+    assert seen and set(seen) == {(False, False)}, seen
+    assert flags.allow_bf16_reduced_precision_reduction and flags.allow_fp16_reduced_precision_reduction  # restored
