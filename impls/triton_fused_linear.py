@@ -98,8 +98,9 @@ def accumulate_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None
 
     Same dtypes: addmm_ in place. bf16/fp16 on CUDA: one addmm with out_dtype=fp32 writing into
     acc (cuBLAS accumulates onto C). Elsewhere (the CPU has no mixed-dtype addmm, an older torch
-    no out_dtype): blocks of rows of `a` upcast and added with addmm_, so the temporary stays
-    below ACC_BLOCK_BYTES, besides b upcast once (a chunk of weight rows, chunk × H).
+    no out_dtype): blocks of rows of `a` upcast and added with addmm_, so that temporary stays
+    below ACC_BLOCK_BYTES, besides b upcast once (a chunk of weight rows for grad_hidden; under
+    autocast, for grad_weight, the hidden states, N × H).
     """
     global _dtype_addmm_ok
     if a.dtype == acc.dtype:
@@ -115,7 +116,7 @@ def accumulate_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None
             if "dtype" not in str(exc):
                 raise
             _dtype_addmm_ok = False
-    # every torch, every device: blocks of rows of `a` upcast, added in place; b (chunk × H) upcast once
+    # every torch, every device: blocks of rows of `a` upcast, added in place; b upcast once
     rows = max(1, ACC_BLOCK_BYTES // (4 * max(a.shape[1], b.shape[1])))
     b32 = b.float()
     for start in range(0, a.shape[0], rows):
