@@ -14,6 +14,7 @@ comes from the cubin (cuobjdump): registers, local memory (spills) and shared me
 
     python scripts/compile_sm90.py                      # gpu-headline and smoke, a table
     python scripts/compile_sm90.py --suite llama3 --json out.json
+    python scripts/compile_sm90.py --all-configs        # every launch config the GPU tuner will try
 Exit status 1 if a launch fails to compile or spills. TRITON_INTERPRET must be unset.
 """
 
@@ -183,6 +184,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--suite", action="append", help="suite name (repeatable); default gpu-headline and smoke")
     parser.add_argument("--json", type=Path, help="write every launch and its resources here")
+    parser.add_argument("--all-configs", action="store_true",
+                        help="each of triton_fused's CANDIDATE_CONFIGS (what the GPU tuner tries), not just the default")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
         parser.error("unset TRITON_INTERPRET: the kernels must be defined for the compiler, not the interpreter")
@@ -190,7 +193,14 @@ def main(argv=None) -> int:
     from triton.runtime import driver
     cuobjdump = str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump")
     driver.set_active(TargetOnlyDriver())
-    launches = distinct(record_launches(args.suite or ["gpu-headline", "smoke"]))
+    suite_names = args.suite or ["gpu-headline", "smoke"]
+    launches = record_launches(suite_names)
+    if args.all_configs:
+        fused = sys.modules["cebench_plugin_triton_fused"]
+        for config in fused.CANDIDATE_CONFIGS:
+            os.environ[fused.CONFIG_ENV] = config.name
+            launches += record_launches(suite_names)
+    launches = distinct(launches)
     rows, bad = [], 0
     for name, kernel, grid, kargs, kwargs in launches:
         found = compile_launch(kernel, kargs, kwargs, cuobjdump)
