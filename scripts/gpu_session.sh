@@ -63,6 +63,8 @@ if kill -0 $PID 2>/dev/null; then
   log "budget spent: stopping the headline (resume it later)"; kill -TERM $PID; sleep 5; kill -KILL $PID 2>/dev/null
 fi
 wait $PID 2>/dev/null; log "headline exit $?"
+# the tuning table travels with the run it chose the config for (committed with results/<run>/)
+for d in "$W"/runs/*-gpu-headline-*/; do [ -f "$W/logs/tune.json" ] && cp "$W/logs/tune.json" "$d"; done
 
 log "pack"; pack
 ls -la "$OUT"
