@@ -31,7 +31,8 @@ def stability_table(frame: pd.DataFrame, family: str) -> Table | None:
     rows = trusted(frame[frame["family"] == family], "time")
     if rows.empty:
         return None
-    rows = rows.assign(first=[first_take(c)[0] for c in rows["case"]], take=[first_take(c)[1] for c in rows["case"]])
+    first, take = zip(*(first_take(c) for c in rows["case"]), strict=True)
+    rows = rows.assign(first=first, take=take)
     body = []
     for (case, impl, mode), group in rows.groupby(["first", "impl", "mode"], sort=False):
         if group["take"].nunique() < 2:

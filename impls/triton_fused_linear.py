@@ -208,11 +208,16 @@ class RowStats:
             num_warps=warps)
 
 
+def row_masks(targets, vocab: int, ignore_index: int):
+    """(valid, bad): rows not ignored, and those of them whose target lies outside [0, V)."""
+    valid = targets != ignore_index
+    return valid, valid & ((targets < 0) | (targets >= vocab))
+
+
 def row_terms(stats: RowStats, targets, vocab: int, ignore_index: int, opts: dict):
     """(row loss, row z-term, log-sum-exp) from the statistics, as ce_kernel's step 5: 0 on ignored rows,
     NaN on rows whose target is outside [0, V); differences against the max before adding log s."""
-    valid = targets != ignore_index
-    bad = valid & ((targets < 0) | (targets >= vocab))
+    valid, bad = row_masks(targets, vocab, ignore_index)
     log_s = stats.s.log()
     lse = stats.m + log_s
     loss = (stats.m - stats.z_t) + log_s
@@ -231,8 +236,7 @@ def row_factors(stats: RowStats, lse, targets, n_valid, vocab: int, ignore_index
     """(coef, scale) per row for chunk_grad_kernel: scale is the row's upstream factor (1/n_valid for
     mean, 1 for sum, the row's upstream gradient for none; 0 ignored, NaN bad), coef = scale/s, times
     the z-loss factor 1 + 2λ·lse."""
-    valid = targets != ignore_index
-    bad = valid & ((targets < 0) | (targets >= vocab))
+    valid, bad = row_masks(targets, vocab, ignore_index)
     if row_scale is not None:
         scale = row_scale.float()
     elif reduction == "mean":

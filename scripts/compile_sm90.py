@@ -75,14 +75,18 @@ class LaunchRecorder:
         return launch
 
 
-def record_launches(suite_names: list[str]) -> list:
-    """Run our Triton implementations on meta tensors at every case of the suites; return the launches."""
-    from cebench import suites
+def load_implementations():
+    """(triton_fused, triton_fused_linear) modules, loaded by path as the registry does."""
     from cebench.registry import load_file
     load_file(ROOT / "impls" / "triton_fused.py")
     load_file(ROOT / "impls" / "triton_fused_linear.py")
-    fused = sys.modules["cebench_plugin_triton_fused"]
-    linear = sys.modules["cebench_plugin_triton_fused_linear"]
+    return sys.modules["cebench_plugin_triton_fused"], sys.modules["cebench_plugin_triton_fused_linear"]
+
+
+def record_launches(suite_names: list[str]) -> list:
+    """Run our Triton implementations on meta tensors at every case of the suites; return the launches."""
+    from cebench import suites
+    fused, linear = load_implementations()
     kernels = fused.kernels
     launches: list = []
     names = ("ce_kernel", "scale_kernel", "chunk_stats_kernel", "chunk_grad_kernel")
@@ -194,21 +198,21 @@ def main(argv=None) -> int:
     cuobjdump = str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump")
     driver.set_active(TargetOnlyDriver())
     suite_names = args.suite or ["gpu-headline", "smoke"]
-    launches = record_launches(suite_names)
-    if args.all_configs:
-        fused = sys.modules["cebench_plugin_triton_fused"]
-        for config in fused.CANDIDATE_CONFIGS:
-            os.environ[fused.CONFIG_ENV] = config.name
-            launches += record_launches(suite_names)
-    launches = distinct(launches)
+    fused, _ = load_implementations()
+    launches = []
+    # every launch config the GPU tuner tries, or (None) the one the environment or the default selects
+    for config in [c.name for c in fused.CANDIDATE_CONFIGS] if args.all_configs else [None]:
+        if config:
+            os.environ[fused.CONFIG_ENV] = config
+        launches += record_launches(suite_names)
     rows, bad = [], 0
-    for name, kernel, grid, kargs, kwargs in launches:
+    for name, kernel, grid, kargs, kwargs in distinct(launches):
         found = compile_launch(kernel, kargs, kwargs, cuobjdump)
         failed = not found["ok"] or found["local_bytes"] > 0 or found["shared_bytes"] > SHARED_LIMIT
         bad += failed
-        rows.append({"kernel": name, "launch": describe(kernel, kargs, kwargs), "grid": list(grid),
-                     "num_warps": kwargs.get("num_warps"), **found})
-        print(f"{'FAIL' if failed else 'ok  '} {name:12} {describe(kernel, kargs, kwargs)} grid={grid[0]} "
+        launch = describe(kernel, kargs, kwargs)
+        rows.append({"kernel": name, "launch": launch, "grid": list(grid), **found})
+        print(f"{'FAIL' if failed else 'ok  '} {name:12} {launch} grid={grid[0]} "
               + (found.get("error", "") if not found["ok"] else
                  f"regs={found['registers']} local={found['local_bytes']} shared={found['shared_bytes']} "
                  f"({found['seconds']} s)"), flush=True)

@@ -282,3 +282,18 @@ def test_stability_sets_each_take_beside_the_first_and_marks_a_spread_above_3_pe
     assert first_take("logits N=8 V=10 float32 mean take=3") == ("logits N=8 V=10 float32 mean", 3)
     assert stability_table(report_data.load(write_run(tmp_path, "20260102-030405-plain-cpu", standard_cells())).frame,
                            "logits") is None
+
+
+def test_cce_table1_reads_the_first_take_not_a_stability_retake(tmp_path):
+    from cebench.report_table1 import table1
+
+    run_id, writer = "20260102-030405-retake-cuda", RunWriter(tmp_path / "20260102-030405-retake-cuda")
+    case = "linear N=8192 V=256000 H=2304 bfloat16 mean"
+    shape = {"N": 8192, "V": 256000, "H": 2304, "dtype": "bfloat16", "device": "cuda"}
+    for suffix, mib in (("", 1213.0), (" take=2", 9999.0)):
+        writer.write_row({**_row(run_id, "linear", 256000, 2304, "triton_fused_linear", "forward+backward",
+                                 "peak_memory", mib), **shape, "case": case + suffix})
+    writer.close()
+    write_env(tmp_path / run_id, {"device": "cuda"})
+    rows = {(r[0].text, r[2].text): r for r in table1(report_data.load(tmp_path / run_id).frame).rows}
+    assert rows[("lower bound", "loss + gradient")][4].text == "1,213"
