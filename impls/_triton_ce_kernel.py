@@ -7,6 +7,10 @@ loads it by path, plans the launches and documents the traffic model.
 COMPUTE_GRAD) a second pass over the same row that writes dLoss/dlogits. Programs are
 persistent: program p takes tiles p, p + P, p + 2P, ... so the host decides how many rows
 are in flight at once (triton_fused.py sizes P so those rows stay in L2 between the passes).
+On a long row the first pass keeps a running max and sum per lane (LANE_STATS) and merges them
+once at the row's end, so its loop has no barrier; both loops are software-pipelined (STAGES):
+the loads of the next tiles are in flight while one is folded. Neither changes what is computed
+(the interpreter ignores the pipelining), only how much of the memory latency is hidden.
 
 `scale_kernel`: multiplies each row of a buffer by its upstream-gradient factor (one scalar for
 every row, or one per row). A tile whose factors are all exactly 1 reads and writes nothing:
@@ -113,6 +117,36 @@ def _tile_stats(z, ok, m, s, z_sum, HAS_SMOOTHING: tl.constexpr):
 
 
 @triton.jit
+def _lane_stats(z, ok, m, s, z_sum, HAS_SMOOTHING: tl.constexpr):
+    # the same fold as _tile_stats, but lane by lane: m and s have the tile's shape and each
+    # element keeps its own running max and sum over the tiles it has seen, so no value crosses
+    # a thread (no shuffle, no barrier) until the row ends (_merge_lanes). One exp per element:
+    # e = exp(-|z - m|) is exp(m - z) when z raises the max (s·e + 1) and exp(z - m) otherwise
+    # (s + e). Masked lanes and logits of -inf leave the lane as it was (-inf - -inf is NaN);
+    # NaN logits go in and make the row NaN.
+    take = ok & (z != float("-inf"))
+    up = z > m
+    e = tl.exp(-tl.abs(z - m))
+    s = tl.where(take, tl.where(up, s * e + 1.0, s + e), s)
+    m = tl.where(take & up, z, m)
+    if HAS_SMOOTHING:
+        z_sum += tl.where(ok, z, 0.0)
+    return m, s, z_sum
+
+
+@triton.jit
+def _merge_lanes(m_l, s_l, zs_l, m, s, z_sum, HAS_SMOOTHING: tl.constexpr):
+    # fold the per-lane statistics of _lane_stats into the row's (m, s, z_sum): one block-wide
+    # max and one sum per row. Lanes that saw nothing (m_l = -inf, s_l = 0) add 0.
+    m_new = tl.maximum(m, tl.max(m_l, axis=1))
+    m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+    s = s * tl.exp(m - m_ref) + tl.sum(s_l * tl.exp(m_l - m_ref[:, None]), axis=1)
+    if HAS_SMOOTHING:
+        z_sum += tl.sum(zs_l, axis=1)
+    return m_new, s, z_sum
+
+
+@triton.jit
 def _tile_grad(z, cols, m, p_scale, scale, safe_t, eps, n_cols, cap,
                HAS_SMOOTHING: tl.constexpr, HAS_SOFTCAP: tl.constexpr):
     # dL/dz = p·(1 + 2λ·lse) - (1-ε)·onehot - ε/V, then the softcap chain rule 1 - (z/c)².
@@ -135,6 +169,7 @@ def ce_kernel(
     SCALE: tl.constexpr, COMPUTE_GRAD: tl.constexpr,
     HAS_SMOOTHING: tl.constexpr, HAS_ZLOSS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, VEC: tl.constexpr, SINGLE_BLOCK: tl.constexpr,
+    LANE_STATS: tl.constexpr, STAGES: tl.constexpr,
     X_ALIGNED: tl.constexpr, G_ALIGNED: tl.constexpr, BF16_BITS: tl.constexpr,
 ):
     for tile in range(tl.program_id(0), tl.cdiv(n_rows, BLOCK_N), tl.num_programs(0)):
@@ -183,8 +218,18 @@ def ce_kernel(
             ok_b0 = (cols_b0[None, :] < n_body[:, None]) & live
             z_b0 = _load_z(x_body[:, None] + cols_b0[None, :], ok_b0, cap, HAS_SOFTCAP, BF16_BITS)
             m, s, z_sum = _tile_stats(z_b0, ok_b0, m, s, z_sum, HAS_SMOOTHING)
-        else:
-            for start in range(0, body_len, BLOCK_V):
+        elif LANE_STATS:  # per-lane statistics, merged once per row (no barrier inside the loop)
+            m_l = tl.full((BLOCK_N, BLOCK_V), float("-inf"), tl.float32)
+            s_l = tl.zeros((BLOCK_N, BLOCK_V), tl.float32)
+            zs_l = tl.zeros((BLOCK_N, BLOCK_V), tl.float32)
+            for start in tl.range(0, body_len, BLOCK_V, num_stages=STAGES):
+                cols_b = start + tl.arange(0, BLOCK_V)
+                ok_b = (cols_b[None, :] < n_body[:, None]) & live
+                z_b = _load_z(x_body[:, None] + cols_b[None, :], ok_b, cap, HAS_SOFTCAP, BF16_BITS)
+                m_l, s_l, zs_l = _lane_stats(z_b, ok_b, m_l, s_l, zs_l, HAS_SMOOTHING)
+            m, s, z_sum = _merge_lanes(m_l, s_l, zs_l, m, s, z_sum, HAS_SMOOTHING)
+        else:  # a block-wide max and sum per tile (two barriers per tile)
+            for start in tl.range(0, body_len, BLOCK_V, num_stages=STAGES):
                 cols_b = start + tl.arange(0, BLOCK_V)
                 ok_b = (cols_b[None, :] < n_body[:, None]) & live
                 z_b = _load_z(x_body[:, None] + cols_b[None, :], ok_b, cap, HAS_SOFTCAP, BF16_BITS)
@@ -235,7 +280,7 @@ def ce_kernel(
                                   HAS_SMOOTHING, HAS_SOFTCAP)
                 _store_f32(g_body[:, None] + cols_b0[None, :], g_b0, ok_b0, BF16_BITS)
             else:
-                for start in range(0, body_len, BLOCK_V):
+                for start in tl.range(0, body_len, BLOCK_V, num_stages=STAGES):
                     cols_b = start + tl.arange(0, BLOCK_V)
                     ok_b = (cols_b[None, :] < n_body[:, None]) & live
                     z_b = _load_z(x_body[:, None] + cols_b[None, :], ok_b, cap, HAS_SOFTCAP, BF16_BITS)

@@ -85,26 +85,38 @@ class LaunchConfig:
     programs_per_sm: int  # persistent programs per SM: the grid is at most SMs × this
     l2_fraction: float  # share of L2 the rows in flight between the two passes may fill (0: no limit)
     single_block_max: int  # rows up to this many columns are read once, kept in registers
+    # longer rows: each lane keeps its own running max and sum, merged once per row, rather than a
+    # block-wide max and sum per tile (two barriers each, while the next tile's loads wait)
+    lane_stats: bool = True
+    # software pipelining of the loops over a long row's tiles (Triton's num_stages): with k > 1 the
+    # loads of the next k - 1 tiles are in flight (cp.async into shared memory) while one is folded
+    stages: int = 3
 
 
-# What a GPU session should time first (gpt2 V=50257, llama3 V=128256, gemma2 V=256000), in order.
+# What a GPU session should time (scripts/tune_triton_fused.py, in this order; gpt2 V=50257, llama3 V=128256,
+# gemma2 V=256000). Bytes in flight per SM are what these trade: Little's law wants about 26 KB per SM at
+# 4.3 TB/s (H200) and a DRAM latency near 0.8 us. A program has stages - 1 tiles of block_v × b bytes in
+# flight while it folds one (the compiled loop: cp.async into shared memory, scripts/compile_sm90.py).
 CANDIDATE_CONFIGS = (
-    # first guess: 4096 columns × 8 warps = 16 fp32 per thread per tile, 2 programs per SM hide latency
+    # first guess: 4096 columns × 8 warps = 16 values per thread per tile, 2 programs per SM, 2 tiles
+    # prefetched (2 × 2 × 8 KB = 32 KB in flight per SM at bf16)
     LaunchConfig("balanced", 4096, 8, 2, 0.5, 8192),
     # fatter programs, one per SM: fewer rows in flight, so the L2 cap bites later on the largest V
     LaunchConfig("wide", 8192, 16, 1, 0.5, 16384),
-    # more, thinner programs: more loads in flight per SM if "balanced" leaves bandwidth unused
+    # more, thinner programs: 4 per SM, each with less in flight
     LaunchConfig("narrow", 2048, 4, 4, 0.5, 4096),
-    # if the L2 hit rate of the second pass is low (ncu lts__t_sector_hit_rate), halve the rows in flight
-    LaunchConfig("l2-tight", 4096, 8, 2, 0.25, 8192),
+    # the L2 cap leaves ~100 programs at V=128256 and ~50 at 256000 (one per SM at most): 16384-column
+    # tiles give each 32 KB per tile, 64 KB in flight with 3 stages
+    LaunchConfig("deep", 16384, 8, 1, 0.5, 8192),
     # if the L2 cap leaves SMs idle on gemma2's V (fewer programs than SMs), allow more rows in flight
     LaunchConfig("l2-loose", 4096, 8, 2, 0.8, 8192),
     # control: no L2 sizing (every SM busy); against "balanced" it measures what the sizing buys
     LaunchConfig("unbounded", 4096, 8, 2, 0.0, 8192),
-    # more bytes in flight per program: the L2 cap leaves ~100 programs at V=128256 (~50 at 256000), one
-    # 8-warp program per SM, and with 4096-column tiles each has only 8 KB of loads outstanding (~0.8 MB on the
-    # chip, where Little's law wants ~3 MB at 3.35 TB/s); 16384 columns give 32 KB a program
-    LaunchConfig("deep", 16384, 8, 1, 0.5, 8192),
+    # control: no software pipelining (a tile's loads wait for the previous tile's fold)
+    LaunchConfig("no-pipeline", 4096, 8, 2, 0.5, 8192, stages=1),
+    # control: the design before lane statistics and pipelining: a block-wide max and sum per tile (two
+    # barriers each) and no prefetch; against "no-pipeline" it measures what the lane statistics buy
+    LaunchConfig("block-stats", 4096, 8, 2, 0.5, 8192, lane_stats=False, stages=1),
 )
 
 
@@ -115,6 +127,8 @@ class Launch:
     num_warps: int
     programs: int  # persistent programs (grid size)
     single_block: bool  # the whole row body fits one tile: read once
+    lane_stats: bool = True  # per-lane statistics in the first pass of a multi-tile row
+    stages: int = 1  # software-pipelining depth of the loops over a multi-tile row
 
 
 def select_config(config: "str | LaunchConfig | None" = None) -> LaunchConfig:
@@ -151,11 +165,12 @@ def plan_launch(n_rows: int, n_cols: int, row_bytes_in_flight: int, device: torc
     if n_cols <= config.single_block_max:  # short rows: several per tile, each read once
         block_n = max(1, min(16, config.block_v // v_pow2))
         warps = 4 if block_n * v_pow2 <= 2048 else config.num_warps
-        return Launch(block_n, v_pow2, warps, min(triton.cdiv(n_rows, block_n), max_programs), True)
+        programs = min(triton.cdiv(n_rows, block_n), max_programs)
+        return Launch(block_n, v_pow2, warps, programs, True, config.lane_stats, config.stages)
     programs = min(n_rows, max_programs)
     if row_bytes_in_flight and config.l2_fraction > 0:
         programs = max(1, min(programs, int(config.l2_fraction * l2_bytes) // row_bytes_in_flight))
-    return Launch(1, config.block_v, config.num_warps, programs, False)
+    return Launch(1, config.block_v, config.num_warps, programs, False, config.lane_stats, config.stages)
 
 
 def _geometry(t: torch.Tensor) -> tuple[int, bool]:
@@ -201,7 +216,8 @@ def fused_ce_rows(x, targets, grad_out, n_valid, *, reduction, ignore_index, lab
         SCALE=2 if row_scale is not None else int(reduction == "mean"), COMPUTE_GRAD=compute_grad,
         HAS_SMOOTHING=bool(label_smoothing), HAS_ZLOSS=bool(z_loss), HAS_SOFTCAP=softcap is not None,
         BLOCK_N=plan.block_n, BLOCK_V=plan.block_v, VEC=16 // x.element_size(), SINGLE_BLOCK=plan.single_block,
-        X_ALIGNED=x_aligned, G_ALIGNED=g_aligned, BF16_BITS=bf16_bits, num_warps=plan.num_warps,
+        LANE_STATS=plan.lane_stats, STAGES=plan.stages, X_ALIGNED=x_aligned, G_ALIGNED=g_aligned,
+        BF16_BITS=bf16_bits, num_warps=plan.num_warps,
     )
     return row_loss, row_z
 

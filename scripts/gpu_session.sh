@@ -42,7 +42,7 @@ if [[ $STAGE == first ]]; then
   timeout 150 python3 -m cebench run --suite smoke --device cuda --out "$W/runs" --no-report \
     > "$W/logs/smoke.log" 2>&1; log "smoke exit $?"; pack
   log "tune triton_fused's launch config"
-  timeout 100 python3 scripts/tune_triton_fused.py --json "$W/logs/tune.json" > "$W/logs/tune.log" 2>&1
+  timeout 100 python3 scripts/tune_triton_fused.py --deadline-s 75 --json "$W/logs/tune.json" > "$W/logs/tune.log" 2>&1
   RC=$?; BEST=$(sed -n 's/^best: //p' "$W/logs/tune.log")
   if [[ -n $BEST && $BEST != None ]]; then export CEBENCH_TRITON_FUSED_CONFIG=$BEST; fi
   log "tuning exit $RC, config ${CEBENCH_TRITON_FUSED_CONFIG:-default}"; pack

@@ -5,13 +5,15 @@ gradient in place, 2·N·V·b bytes) and 0.90 of the read bandwidth (eval: N·V�
 launch configs (impls/triton_fused.py, CANDIDATE_CONFIGS) trade rows in flight (L2 reuse between the
 two passes) against bytes in flight (latency hiding); which wins is a property of the GPU, so it is
 measured here, in one go, before the headline run:
-  for each config × V (N and dtype fixed), the kernel alone (fused_ce_rows, as triton_fused calls it),
-  checked first against F.cross_entropy in float32 (a config that computes a different loss is out),
-  then timed with triton.testing.do_bench (L2 flushed before every call, median).
-The rows (config, V, mode, ms, GB/s, fraction of the ceiling) go to --json; the best config is the one
-with the highest geometric mean of the training fraction over the V's, printed last as `best: NAME`
-so that a session script can export CEBENCH_TRITON_FUSED_CONFIG=NAME for the run that follows (env.json
-records it). CUDA only.
+  for each config (in CANDIDATE_CONFIGS order, the controls last) × V (N and dtype fixed), the kernel alone
+  (fused_ce_rows, as triton_fused calls it), checked first against F.cross_entropy in float32, the loss and
+  the gradient it writes (a config that computes anything else is out), then timed with
+  triton.testing.do_bench (L2 flushed before every call, median).
+The rows (config and its parameters, V, mode, ms, GB/s, fraction of the ceiling) go to --json; the best
+config is the one with the highest geometric mean of the training fraction over the V's, printed last as
+`best: NAME` so that a session script can export CEBENCH_TRITON_FUSED_CONFIG=NAME for the run that follows
+(env.json records it). Past --deadline-s no further config is begun, so a short slot still names the best
+of those it measured. CUDA only.
 
     python scripts/tune_triton_fused.py --json tune.json            # N=8192 bf16, V in 32000 50257 128256 256000
 """
@@ -37,17 +39,24 @@ def load_kernel():
     return sys.modules["cebench_plugin_triton_fused"]
 
 
-def check(fused, config, logits, targets) -> float:
-    """Relative error of the kernel's mean loss against F.cross_entropy in float32."""
+def check(fused, config, logits, targets, rows: int = 512) -> tuple[float, float]:
+    """Relative errors of the kernel against F.cross_entropy in float32: the mean loss, and the gradient it
+    writes in place (the norm of the difference over the reference's, on the first `rows` rows)."""
     import torch
     import torch.nn.functional as F
 
     x = logits.clone()
-    n_valid = torch.tensor(x.shape[0], device=x.device)
-    rows, _ = fused.fused_ce_rows(x, targets, x, n_valid, reduction="mean", ignore_index=-100, label_smoothing=0.0,
-                                  z_loss=0.0, softcap=None, config=config)
+    n = x.shape[0]
+    n_valid = torch.tensor(n, device=x.device)
+    losses, _ = fused.fused_ce_rows(x, targets, x, n_valid, reduction="mean", ignore_index=-100,
+                                    label_smoothing=0.0, z_loss=0.0, softcap=None, config=config)
     want = F.cross_entropy(logits.float(), targets)
-    return abs(float(rows.mean()) - float(want)) / abs(float(want))
+    head = logits[:rows].float()
+    want_grad = torch.softmax(head, dim=-1)
+    want_grad[torch.arange(len(head), device=head.device), targets[:rows]] -= 1.0
+    want_grad /= n  # the mean's factor
+    grad_err = float((x[:rows].float() - want_grad).norm() / want_grad.norm())
+    return abs(float(losses.mean()) - float(want)) / abs(float(want)), grad_err
 
 
 def time_config(fused, config, logits, targets) -> dict[str, float]:
@@ -71,46 +80,65 @@ def main(argv=None) -> int:
     parser.add_argument("--tokens", type=int, default=8192)
     parser.add_argument("--vocab", type=int, nargs="+", default=list(VOCABS))
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--device", default="cuda", help=argparse.SUPPRESS)  # the CPU tests: interpreter, fake timer
+    parser.add_argument("--deadline-s", type=float, default=float("inf"),
+                        help="begin no further config after this many seconds (the ones begun finish)")
     args = parser.parse_args(argv)
     import torch
 
     from cebench import probe
 
     fused = load_kernel()
-    device = "cuda"
+    device = args.device
     roof = probe.run_probe(device)
     rows, start = [], time.perf_counter()
-    for vocab in args.vocab:
+    inputs = {}
+    for vocab in args.vocab:  # every V's logits once (3.8 GB at N=8192 over the four V's)
         gen = torch.Generator(device=device).manual_seed(vocab)
         pristine = (torch.randn(args.tokens, vocab, device=device, generator=gen) * 2).to(torch.bfloat16)
-        targets = torch.randint(0, vocab, (args.tokens,), device=device, generator=gen)
-        for config in fused.CANDIDATE_CONFIGS:
-            row = {"config": config.name, "N": args.tokens, "V": vocab, "dtype": "bfloat16"}
-            try:
-                row["rel_err_loss"] = check(fused, config, pristine, targets)
-                if not row["rel_err_loss"] < 1e-2:
-                    raise ValueError(f"loss off by {row['rel_err_loss']:.2e} relative")
-                times = time_config(fused, config, pristine.clone(), targets)
-            except Exception as exc:  # noqa: BLE001 - a config that fails is reported, not fatal
-                rows.append({**row, "error": f"{type(exc).__name__}: {exc}"[:300]})
-                print(f"{config.name:10} V={vocab:6}  failed: {rows[-1]['error']}", flush=True)
-                continue
-            for mode, ms in times.items():
-                moved = args.tokens * vocab * 2 * (2 if mode == "forward+backward" else 1)
-                gbps = moved / (ms * 1e-3) / 1e9
-                top = roof.get("copy_bandwidth_gbps" if mode == "forward+backward" else "read_bandwidth_gbps")
-                rows.append({**row, "mode": mode, "ms": ms, "gbps": gbps, "fraction": gbps / top if top else None})
-                print(f"{config.name:10} V={vocab:6} {mode:16} {ms:8.3f} ms {gbps:7.0f} GB/s "
-                      f"{rows[-1]['fraction'] or float('nan'):.2f} of the {'copy' if 'backward' in mode else 'read'} "
-                      f"bandwidth", flush=True)
-        del pristine
-        torch.cuda.empty_cache()
+        inputs[vocab] = pristine, torch.randint(0, vocab, (args.tokens,), device=device, generator=gen)
+    # config by config, in CANDIDATE_CONFIGS order (the controls last): past the deadline no config is begun,
+    # and the best is chosen among those measured at every V
+    for config in fused.CANDIDATE_CONFIGS:
+        if time.perf_counter() - start > args.deadline_s:
+            print(f"deadline: {config.name} and later configs not measured", flush=True)
+            break
+        for pristine, targets in inputs.values():
+            rows += measure_config(fused, config, pristine, targets, roof)
+        if device == "cuda":
+            torch.cuda.empty_cache()
     best = best_config(rows)
     if args.json:
-        args.json.write_text(json.dumps({"probe": roof, "rows": rows, "best": best, "device": torch.cuda.get_device_name(),
+        name = torch.cuda.get_device_name() if device == "cuda" else device
+        args.json.write_text(json.dumps({"probe": roof, "rows": rows, "best": best, "device": name,
                                          "seconds": round(time.perf_counter() - start, 1)}, indent=1))
     print(f"best: {best}")
     return 0 if best else 1
+
+
+def measure_config(fused, config, pristine, targets, roof: dict) -> list[dict]:
+    """One config at one V: gated, then timed; a row per mode, or one row with the error."""
+    tokens, vocab = pristine.shape
+    row = {"config": config.name, "N": tokens, "V": vocab, "dtype": "bfloat16", "block_v": config.block_v,
+           "num_warps": config.num_warps, "stages": config.stages, "lane_stats": config.lane_stats}
+    try:
+        row["rel_err_loss"], row["rel_err_grad"] = check(fused, config, pristine, targets)
+        if not (row["rel_err_loss"] < 1e-2 and row["rel_err_grad"] < 1e-2):
+            raise ValueError(f"off by {row['rel_err_loss']:.2e} (loss), {row['rel_err_grad']:.2e} (gradient)")
+        times = time_config(fused, config, pristine.clone(), targets)
+    except Exception as exc:  # noqa: BLE001 - a config that fails is reported, not fatal
+        print(f"{config.name:11} V={vocab:6}  failed: {exc}"[:300], flush=True)
+        return [{**row, "error": f"{type(exc).__name__}: {exc}"[:300]}]
+    rows = []
+    for mode, ms in times.items():
+        moved = tokens * vocab * 2 * (2 if mode == "forward+backward" else 1)
+        gbps = moved / (ms * 1e-3) / 1e9
+        top = roof.get("copy_bandwidth_gbps" if mode == "forward+backward" else "read_bandwidth_gbps")
+        rows.append({**row, "mode": mode, "ms": ms, "gbps": gbps, "fraction": gbps / top if top else None})
+        print(f"{config.name:11} V={vocab:6} {mode:16} {ms:8.3f} ms {gbps:7.0f} GB/s "
+              f"{rows[-1]['fraction'] or float('nan'):.2f} of the {'copy' if 'backward' in mode else 'read'} "
+              f"bandwidth", flush=True)
+    return rows
 
 
 def best_config(rows: list[dict]) -> str | None:

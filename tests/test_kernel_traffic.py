@@ -182,7 +182,7 @@ def _fake_gpu(monkeypatch, fused, sms, l2_mb):
 
 @pytest.mark.parametrize("gpu,sms,l2_mb", [("H100", 132, 50), ("H200", 132, 60)])
 @pytest.mark.parametrize("v", [50257, 128256, 256000])
-@pytest.mark.parametrize("config", ["balanced", "wide", "l2-tight"])
+@pytest.mark.parametrize("config", ["balanced", "wide", "deep", "l2-loose"])
 def test_rows_in_flight_fit_in_l2(fused, monkeypatch, gpu, sms, l2_mb, v, config):
     device = _fake_gpu(monkeypatch, fused, sms, l2_mb)
     cfg = fused.select_config(config)

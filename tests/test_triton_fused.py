@@ -219,15 +219,43 @@ def test_logits_persistent_multi_block_launch(fused, options, dtype):
     targets[torch.rand(13) < ignore] = IGNORE_INDEX
     n_valid = (targets != IGNORE_INDEX).sum()
     results = []
-    for launch in (None, fused.Launch(block_n=1, block_v=128, num_warps=1, programs=4, single_block=False)):
+    for launch in (None, fused.Launch(block_n=1, block_v=128, num_warps=1, programs=4, single_block=False),
+                   fused.Launch(block_n=1, block_v=128, num_warps=1, programs=4, single_block=False, lane_stats=False)):
         grad = torch.empty_like(x)
         loss, z = fused.fused_ce_rows(x, targets, grad, n_valid, reduction="mean", ignore_index=IGNORE_INDEX,
                                       launch=launch, **{"label_smoothing": 0.0, "z_loss": 0.0, "softcap": None,
                                                         **options})
         results.append((loss, z, grad))
     rtol = 1e-5 if dtype == torch.float32 else 2 ** -7  # block order changes the sums' rounding, not more
-    for planned, persistent in zip(*results, strict=True):
-        assert torch.allclose(planned.float(), persistent.float(), rtol=rtol, atol=1e-7)
+    for planned, *others in zip(*results, strict=True):
+        for other in others:  # per-lane and per-tile statistics alike
+            assert torch.allclose(planned.float(), other.float(), rtol=rtol, atol=1e-7)
+
+
+@pytest.mark.parametrize("lane_stats", [True, False])
+def test_multi_tile_statistics_with_minus_inf_and_nan_logits(fused, lane_stats):
+    # a vocabulary masked with -inf (whole tiles of a row, every 7th column, a lane that only ever
+    # sees -inf) adds nothing to the sum of exponentials; a NaN logit makes its own row NaN and no other
+    torch.manual_seed(5)
+    n, v = 6, 1001
+    x = torch.randn(n, v) * 3
+    x[0, :600] = float("-inf")
+    x[1, ::7] = float("-inf")
+    x[2, 5] = float("nan")
+    x[3, 200:] = float("-inf")
+    x[4, torch.arange(v) % 64 == 3] = float("-inf")  # lane 3 of every 64-column tile
+    targets = torch.tensor([700, 3, 9, 150, 10, 1000])
+    launch = fused.Launch(block_n=1, block_v=64, num_warps=1, programs=4, single_block=False, lane_stats=lane_stats)
+    grad = torch.full_like(x, float("nan"))
+    loss, _ = fused.fused_ce_rows(x, targets, grad, torch.tensor(n), reduction="sum", ignore_index=IGNORE_INDEX,
+                                  label_smoothing=0.0, z_loss=0.0, softcap=None, launch=launch)
+    want = torch.nn.functional.cross_entropy(x.double(), targets, reduction="none")
+    want_grad = torch.softmax(x.double(), -1)
+    want_grad[torch.arange(n), targets] -= 1
+    finite = torch.tensor([True, True, False, True, True, True])
+    assert torch.allclose(loss[finite].double(), want[finite], rtol=1e-5)
+    assert torch.allclose(grad[finite].double(), want_grad[finite], atol=1e-6)
+    assert torch.isnan(loss[2]) and torch.isnan(grad[2]).all()
 
 
 def test_declarations(impls):

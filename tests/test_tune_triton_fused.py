@@ -6,6 +6,7 @@ the best is the highest geometric mean of the training fraction of the copy band
 """
 
 import importlib.util
+import json
 from pathlib import Path
 
 import pytest
@@ -47,7 +48,8 @@ def test_the_gate_measures_the_kernel_against_float32_cross_entropy(tune):
     logits = (torch.randn(16, 300) * 2).to(torch.bfloat16)
     targets = torch.randint(0, 300, (16,))
     before = logits.clone()
-    assert tune.check(fused, fused.CANDIDATE_CONFIGS[0], logits, targets) < 1e-2
+    loss_err, grad_err = tune.check(fused, fused.CANDIDATE_CONFIGS[0], logits, targets)
+    assert loss_err < 1e-3 and grad_err < 1e-2
     assert torch.equal(logits, before)  # the gate works on a copy: the timed buffer is the pristine one
 
 
@@ -56,4 +58,48 @@ def test_the_gate_catches_a_config_that_computes_another_loss(tune, monkeypatch)
     real = fused.fused_ce_rows
     monkeypatch.setattr(fused, "fused_ce_rows", lambda *a, **k: tuple(t * 1.05 for t in real(*a, **k)))
     logits, targets = torch.randn(16, 300).to(torch.bfloat16), torch.randint(0, 300, (16,))
-    assert tune.check(fused, fused.CANDIDATE_CONFIGS[0], logits, targets) == pytest.approx(0.05, rel=0.05)
+    loss_err, grad_err = tune.check(fused, fused.CANDIDATE_CONFIGS[0], logits, targets)
+    assert loss_err == pytest.approx(0.05, rel=0.05) and grad_err < 1e-2
+
+
+def test_the_gate_catches_a_config_that_writes_another_gradient(tune, monkeypatch):
+    # a loss that is right over a gradient that is not (the second pass alone broken) is caught too
+    fused = tune.load_kernel()
+    real = fused.fused_ce_rows
+
+    def half_a_gradient(x, targets, grad_out, *args, **kwargs):
+        out = real(x, targets, grad_out, *args, **kwargs)
+        grad_out[:, : x.shape[1] // 2] = 0
+        return out
+
+    monkeypatch.setattr(fused, "fused_ce_rows", half_a_gradient)
+    logits, targets = torch.randn(16, 300).to(torch.bfloat16), torch.randint(0, 300, (16,))
+    loss_err, grad_err = tune.check(fused, fused.CANDIDATE_CONFIGS[0], logits, targets)
+    assert loss_err < 1e-3 and grad_err > 0.1
+
+
+def test_configs_are_measured_in_order_until_the_deadline_and_the_best_is_named(tune, monkeypatch, tmp_path, capsys):
+    # the whole script on the CPU: the interpreter runs the gate for real; the probe and the timer are fakes.
+    # Each timing advances a fake clock by 10 s, so with a 25 s deadline the 4th config is never begun.
+    from types import SimpleNamespace
+
+    from cebench import probe
+    fused = tune.load_kernel()
+    names = [c.name for c in fused.CANDIDATE_CONFIGS]
+    now = [0.0]
+    monkeypatch.setattr(tune, "time", SimpleNamespace(perf_counter=lambda: now[0]))
+    monkeypatch.setattr(probe, "run_probe", lambda device: {"copy_bandwidth_gbps": 100.0, "read_bandwidth_gbps": 100.0})
+
+    def fake_time(fused_, config, logits, targets):
+        now[0] += 10
+        return {"forward+backward": 1.0 if config.name == names[1] else 2.0, "eval": 1.0}
+
+    monkeypatch.setattr(tune, "time_config", fake_time)
+    out = tmp_path / "tune.json"
+    assert tune.main(["--device", "cpu", "--tokens", "16", "--vocab", "300", "--deadline-s", "25",
+                      "--json", str(out)]) == 0
+    table = json.loads(out.read_text())
+    measured = list(dict.fromkeys(r["config"] for r in table["rows"]))
+    assert measured == names[:3]
+    assert all(r["rel_err_loss"] < 1e-3 and r["rel_err_grad"] < 1e-2 for r in table["rows"])
+    assert table["best"] == names[1] and capsys.readouterr().out.rstrip().endswith(f"best: {names[1]}")
