@@ -23,7 +23,8 @@ logits once, write the gradient once):
 tests/test_kernel_traffic.py counts these bytes in the interpreter (every load and store).
 
 Launch: on a GPU, persistent programs (CANDIDATE_CONFIGS lists what to try first; pick one with
-the `config=` keyword or CEBENCH_TRITON_FUSED_CONFIG=<name>). In the CPU interpreter, a few big
+the `config=` keyword or CEBENCH_TRITON_FUSED_CONFIG=<name>, or one per vocabulary size as
+scripts/tune_triton_fused.py prints them, <V>:<name>,<V>:<name>,...). In the CPU interpreter, a few big
 tiles of many rows, since every program costs Python time there.
 
 Options follow PyTorch / the float64 reference: ignore_index (mean divides by the number of
@@ -70,6 +71,10 @@ def triton_unavailable_reason() -> str | None:
     """None when the kernel can run here, else why not (used by both registrations)."""
     if triton is None:
         return "triton is not installed"
+    try:  # a malformed launch config names itself before any case runs
+        select_config()
+    except ValueError as exc:
+        return str(exc)
     if torch.cuda.is_available():
         return None
     return None if os.environ.get("TRITON_INTERPRET") == "1" else INTERPRETER_REASON
@@ -131,11 +136,34 @@ class Launch:
     stages: int = 1  # software-pipelining depth of the loops over a multi-tile row
 
 
-def select_config(config: "str | LaunchConfig | None" = None) -> LaunchConfig:
-    """The keyword, else the CEBENCH_TRITON_FUSED_CONFIG variable, else the first candidate."""
+def select_config(config: "str | LaunchConfig | None" = None, n_cols: int | None = None) -> LaunchConfig:
+    """The keyword, else the CEBENCH_TRITON_FUSED_CONFIG variable, else the first candidate.
+
+    Either names one config, or one per vocabulary size as the tuner measured them, "V:NAME,V:NAME,...":
+    a row of n_cols columns takes the entry of the smallest V at or above n_cols (else the largest V's).
+    """
     if isinstance(config, LaunchConfig):
         return config
-    name = config or os.environ.get(CONFIG_ENV) or CANDIDATE_CONFIGS[0].name
+    spec = config or os.environ.get(CONFIG_ENV) or CANDIDATE_CONFIGS[0].name
+    if ":" in spec:
+        by_vocab = parse_config_table(spec)
+        at_or_above = [v for v in by_vocab if n_cols is None or v >= n_cols]
+        return by_vocab[min(at_or_above) if at_or_above else max(by_vocab)]
+    return _config_named(spec)
+
+
+def parse_config_table(spec: str) -> dict[int, LaunchConfig]:
+    """"32000:balanced,256000:deep" -> {32000: balanced, 256000: deep}; a ValueError names what is wrong."""
+    table = {}
+    for entry in spec.split(","):
+        vocab, sep, name = entry.strip().partition(":")
+        if not (sep and vocab.strip().isdigit()):
+            raise ValueError(f"{CONFIG_ENV}: {entry.strip()!r} in {spec!r} is not VOCAB:NAME (e.g. 128256:balanced)")
+        table[int(vocab)] = _config_named(name.strip())
+    return table
+
+
+def _config_named(name: str) -> LaunchConfig:
     for candidate in CANDIDATE_CONFIGS:
         if candidate.name == name:
             return candidate
@@ -204,7 +232,7 @@ def fused_ce_rows(x, targets, grad_out, n_valid, *, reduction, ignore_index, lab
     compute_grad = grad_out is not None
     g = grad_out if compute_grad else x
     in_flight = 0 if not compute_grad else n_cols * x.element_size() * (1 if g.data_ptr() == x.data_ptr() else 2)
-    plan = launch or plan_launch(n_rows, n_cols, in_flight, x.device, select_config(config))
+    plan = launch or plan_launch(n_rows, n_cols, in_flight, x.device, select_config(config, n_cols))
     x_mis, x_aligned = _geometry(x)
     g_mis, g_aligned = _geometry(g)
     g_aligned = g_aligned and x_aligned and (g.stride(0) - x.stride(0)) % (16 // x.element_size()) == 0
@@ -231,7 +259,7 @@ def scale_rows_(buf: torch.Tensor, factor: torch.Tensor, config=None) -> torch.T
     if buf.stride(1) != 1:  # the kernel walks rows of unit column stride; anything else is scaled by torch
         return buf.mul_(factor.detach().to(buf.device, torch.float32).reshape(-1, 1) if factor.dim() else factor)
     factor = factor.detach().to(device=buf.device, dtype=torch.float32).contiguous()
-    plan = plan_launch(n_rows, n_cols, 0, buf.device, select_config(config))
+    plan = plan_launch(n_rows, n_cols, 0, buf.device, select_config(config, n_cols))
     mis, aligned = _geometry(buf)
     bf16_bits, (bk,) = _interpreter_view(buf)
     kernels.scale_kernel[(plan.programs,)](

@@ -9,11 +9,12 @@ measured here, in one go, before the headline run:
   (fused_ce_rows, as triton_fused calls it), checked first against F.cross_entropy in float32, the loss and
   the gradient it writes (a config that computes anything else is out), then timed with
   triton.testing.do_bench (L2 flushed before every call, median).
-The rows (config and its parameters, V, mode, ms, GB/s, fraction of the ceiling) go to --json; the best
-config is the one with the highest geometric mean of the training fraction over the V's, printed last as
-`best: NAME` so that a session script can export CEBENCH_TRITON_FUSED_CONFIG=NAME for the run that follows
-(env.json records it). Past --deadline-s no further config is begun, so a short slot still names the best
-of those it measured. CUDA only.
+The rows (config and its parameters, V, mode, ms, GB/s, fraction of the ceiling) go to --json. The best
+config per V is the one with the highest training fraction among those that passed the gate there; the
+choice is printed last as `best: NAME` (one config won everywhere) or `best: V:NAME,V:NAME,...`, the value
+a session script exports as CEBENCH_TRITON_FUSED_CONFIG for the run that follows (a row takes the entry of
+the smallest V at or above its own; env.json records it). Past --deadline-s no further config is begun, so
+a short slot still names the best of those it measured. CUDA only.
 
     python scripts/tune_triton_fused.py --json tune.json            # N=8192 bf16, V in 32000 50257 128256 256000
 """
@@ -22,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -98,7 +98,7 @@ def main(argv=None) -> int:
         pristine = (torch.randn(args.tokens, vocab, device=device, generator=gen) * 2).to(torch.bfloat16)
         inputs[vocab] = pristine, torch.randint(0, vocab, (args.tokens,), device=device, generator=gen)
     # config by config, in CANDIDATE_CONFIGS order (the controls last): past the deadline no config is begun,
-    # and the best is chosen among those measured at every V
+    # and the best is chosen among those measured
     for config in fused.CANDIDATE_CONFIGS:
         if time.perf_counter() - start > args.deadline_s:
             print(f"deadline: {config.name} and later configs not measured", flush=True)
@@ -107,7 +107,7 @@ def main(argv=None) -> int:
             rows += measure_config(fused, config, pristine, targets, roof)
         if device == "cuda":
             torch.cuda.empty_cache()
-    best = best_config(rows)
+    best = config_table(best_configs(rows))
     if args.json:
         name = torch.cuda.get_device_name() if device == "cuda" else device
         args.json.write_text(json.dumps({"probe": roof, "rows": rows, "best": best, "device": name,
@@ -141,17 +141,23 @@ def measure_config(fused, config, pristine, targets, roof: dict) -> list[dict]:
     return rows
 
 
-def best_config(rows: list[dict]) -> str | None:
-    """The config with the highest geometric mean of its training fraction over every V it ran; None if none ran
-    everywhere (a config that failed at some V is out)."""
-    vocabs = {r["V"] for r in rows}
-    scores = {}
-    for name in dict.fromkeys(r["config"] for r in rows):
-        train = {r["V"]: r["fraction"] for r in rows
-                 if r["config"] == name and r.get("mode") == "forward+backward" and r.get("fraction")}
-        if set(train) == vocabs:
-            scores[name] = math.exp(sum(math.log(f) for f in train.values()) / len(train))
-    return max(scores, key=scores.get) if scores else None
+def best_configs(rows: list[dict]) -> dict[int, str]:
+    """Per V, the config with the highest training fraction among those that passed the gate there."""
+    best: dict[int, tuple[float, str]] = {}
+    for r in rows:
+        if r.get("mode") == "forward+backward" and r.get("fraction"):
+            if r["V"] not in best or r["fraction"] > best[r["V"]][0]:
+                best[r["V"]] = (r["fraction"], r["config"])
+    return {vocab: name for vocab, (_, name) in sorted(best.items())}
+
+
+def config_table(best: dict[int, str]) -> str | None:
+    """The value of CEBENCH_TRITON_FUSED_CONFIG for these choices: one name if one config won everywhere."""
+    if not best:
+        return None
+    if len(set(best.values())) == 1:
+        return next(iter(best.values()))
+    return ",".join(f"{vocab}:{name}" for vocab, name in best.items())
 
 
 if __name__ == "__main__":

@@ -211,5 +211,11 @@ def test_launch_config_by_keyword_or_environment(fused, monkeypatch):
     assert fused.select_config("narrow").name == "narrow"
     with pytest.raises(ValueError, match="unknown triton_fused launch config 'fast'.*balanced"):
         fused.select_config("fast")
+    for bad in ("32000:fast", "32000:balanced,big:wide", "32000:balanced,wide"):
+        with pytest.raises(ValueError, match="fast|'big:wide'|'wide' in .* is not VOCAB:NAME"):
+            fused.select_config(bad, 1000)
+    # a malformed variable makes the kernel unavailable, with the reason, before any case runs
+    monkeypatch.setenv(fused.CONFIG_ENV, "32000:balanced,256000")
+    assert "'256000' in '32000:balanced,256000' is not VOCAB:NAME" in fused.triton_unavailable_reason()
     for cfg in fused.CANDIDATE_CONFIGS:  # powers of two, as the kernel's tl.arange needs
         assert cfg.block_v & (cfg.block_v - 1) == 0 and cfg.single_block_max & (cfg.single_block_max - 1) == 0

@@ -28,18 +28,29 @@ def _rows(**fractions):
             for name, by_v in fractions.items() for v, f in by_v.items()]
 
 
-def test_best_is_the_highest_geometric_mean_over_every_vocabulary(tune):
+def test_the_best_config_per_vocabulary_is_the_fastest_in_training(tune):
     rows = _rows(balanced={32000: 0.9, 256000: 0.4}, deep={32000: 0.7, 256000: 0.6})
-    assert tune.best_config(rows) == "deep"  # 0.648 against 0.600: the arithmetic mean would pick balanced
-    rows += [{"config": "deep", "V": 32000, "mode": "eval", "fraction": 0.1}]  # eval does not vote
-    assert tune.best_config(rows) == "deep"
+    rows += [{"config": "deep", "V": 32000, "mode": "eval", "fraction": 0.99}]  # eval does not vote
+    assert tune.best_configs(rows) == {32000: "balanced", 256000: "deep"}
+    assert tune.config_table(tune.best_configs(rows)) == "32000:balanced,256000:deep"
+    assert tune.config_table({32000: "deep", 256000: "deep"}) == "deep"  # one winner: its name alone
+    assert tune.config_table({}) is None
 
 
-def test_a_config_that_failed_anywhere_is_out(tune):
+def test_a_config_is_chosen_only_where_it_passed_the_gate(tune):
     rows = _rows(balanced={32000: 0.5, 256000: 0.5}, deep={32000: 0.9})
     rows.append({"config": "deep", "V": 256000, "error": "OutOfResources: shared memory"})
-    assert tune.best_config(rows) == "balanced"
-    assert tune.best_config([{"config": "deep", "V": 1, "error": "x"}]) is None
+    assert tune.best_configs(rows) == {32000: "deep", 256000: "balanced"}
+    assert tune.best_configs([{"config": "deep", "V": 1, "error": "x"}]) == {}
+
+
+def test_the_printed_table_is_what_the_kernel_reads(tune, monkeypatch):
+    # the tuner's output, exported as CEBENCH_TRITON_FUSED_CONFIG, picks per row width as documented
+    fused = tune.load_kernel()
+    monkeypatch.setenv(fused.CONFIG_ENV, tune.config_table({32000: "narrow", 128256: "wide", 256000: "deep"}))
+    assert [fused.select_config(None, v).name for v in (1000, 32000, 50257, 151936, 300000)] == \
+        ["narrow", "narrow", "wide", "deep", "deep"]
+    assert fused.select_config("balanced", 50257).name == "balanced"  # the keyword wins
 
 
 def test_the_gate_measures_the_kernel_against_float32_cross_entropy(tune):
