@@ -53,7 +53,7 @@ fi
 
 BUDGET_S=$((DEADLINE_S - SECONDS)); (( BUDGET_S < 60 )) && BUDGET_S=60
 log "gpu-headline ($IMPLS), budget ${BUDGET_S}s"
-python3 -m cebench run --suite gpu-headline --impl "$IMPLS" --out "$W/runs" --no-report \
+python3 -m cebench run --suite gpu-headline --device cuda --impl "$IMPLS" --out "$W/runs" --no-report \
   > "$W/logs/headline.log" 2>&1 &
 PID=$!
 for ((i = 0; i < BUDGET_S; i += 5)); do
