@@ -24,7 +24,8 @@ tests/test_kernel_traffic.py counts these bytes in the interpreter (every load a
 
 Launch: on a GPU, persistent programs (CANDIDATE_CONFIGS lists what to try first; pick one with
 the `config=` keyword or CEBENCH_TRITON_FUSED_CONFIG=<name>, or one per vocabulary size as
-scripts/tune_triton_fused.py prints them, <V>:<name>,<V>:<name>,...). In the CPU interpreter, a few big
+scripts/tune_triton_fused.py prints them, <V>:<name>,<V>:<name>,...; CEBENCH_TRITON_FUSED_EVAL_CONFIG,
+if set, for the loss-only launch). In the CPU interpreter, a few big
 tiles of many rows, since every program costs Python time there.
 
 Options follow PyTorch / the float64 reference: ignore_index (mean divides by the number of
@@ -62,6 +63,7 @@ else:  # the kernels live next door; the underscore keeps the registry from load
 
 INTERPRETER_REASON = "no CUDA device; Triton kernels run on CPU only with TRITON_INTERPRET=1 set before import"
 CONFIG_ENV = "CEBENCH_TRITON_FUSED_CONFIG"
+EVAL_CONFIG_ENV = "CEBENCH_TRITON_FUSED_EVAL_CONFIG"  # the loss-only launch's, when it differs (tuner)
 SINGLE_USE = ("{name}: backward ran a second time on the same graph. The gradient is computed once, in the forward, "
               "and its buffer is handed to the first backward, so each forward supports one backward. "
               "Call the loss again before a second backward, or add the losses and call backward once.")
@@ -73,6 +75,7 @@ def triton_unavailable_reason() -> str | None:
         return "triton is not installed"
     try:  # a malformed launch config names itself before any case runs
         select_config()
+        select_config(loss_only=True)
     except ValueError as exc:
         return str(exc)
     if torch.cuda.is_available():
@@ -136,15 +139,18 @@ class Launch:
     stages: int = 1  # software-pipelining depth of the loops over a multi-tile row
 
 
-def select_config(config: "str | LaunchConfig | None" = None, n_cols: int | None = None) -> LaunchConfig:
-    """The keyword, else the CEBENCH_TRITON_FUSED_CONFIG variable, else the first candidate.
+def select_config(config: "str | LaunchConfig | None" = None, n_cols: int | None = None,
+                  loss_only: bool = False) -> LaunchConfig:
+    """The keyword, else (loss only) CEBENCH_TRITON_FUSED_EVAL_CONFIG, else CEBENCH_TRITON_FUSED_CONFIG,
+    else the first candidate.
 
     Either names one config, or one per vocabulary size as the tuner measured them, "V:NAME,V:NAME,...":
     a row of n_cols columns takes the entry of the smallest V at or above n_cols (else the largest V's).
     """
     if isinstance(config, LaunchConfig):
         return config
-    spec = config or os.environ.get(CONFIG_ENV) or CANDIDATE_CONFIGS[0].name
+    spec = (config or (loss_only and os.environ.get(EVAL_CONFIG_ENV)) or os.environ.get(CONFIG_ENV)
+            or CANDIDATE_CONFIGS[0].name)
     if ":" in spec:
         by_vocab = parse_config_table(spec)
         at_or_above = [v for v in by_vocab if n_cols is None or v >= n_cols]
@@ -232,7 +238,7 @@ def fused_ce_rows(x, targets, grad_out, n_valid, *, reduction, ignore_index, lab
     compute_grad = grad_out is not None
     g = grad_out if compute_grad else x
     in_flight = 0 if not compute_grad else n_cols * x.element_size() * (1 if g.data_ptr() == x.data_ptr() else 2)
-    plan = launch or plan_launch(n_rows, n_cols, in_flight, x.device, select_config(config, n_cols))
+    plan = launch or plan_launch(n_rows, n_cols, in_flight, x.device, select_config(config, n_cols, not compute_grad))
     x_mis, x_aligned = _geometry(x)
     g_mis, g_aligned = _geometry(g)
     g_aligned = g_aligned and x_aligned and (g.stride(0) - x.stride(0)) % (16 // x.element_size()) == 0

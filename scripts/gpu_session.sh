@@ -45,7 +45,10 @@ if [[ $STAGE == first ]]; then
   timeout 100 python3 scripts/tune_triton_fused.py --deadline-s 75 --json "$W/logs/tune.json" > "$W/logs/tune.log" 2>&1
   RC=$?; BEST=$(sed -n 's/^best: //p' "$W/logs/tune.log")
   if [[ -n $BEST && $BEST != None ]]; then export CEBENCH_TRITON_FUSED_CONFIG=$BEST; fi
-  log "tuning exit $RC, config ${CEBENCH_TRITON_FUSED_CONFIG:-default}"; pack
+  BEST=$(sed -n 's/^best eval: //p' "$W/logs/tune.log")  # the loss-only launch's, per V
+  if [[ -n $BEST && $BEST != None ]]; then export CEBENCH_TRITON_FUSED_EVAL_CONFIG=$BEST; fi
+  log "tuning exit $RC, config ${CEBENCH_TRITON_FUSED_CONFIG:-default}, eval ${CEBENCH_TRITON_FUSED_EVAL_CONFIG:-same}"
+  pack
   IMPLS=triton_fused,triton_fused_linear,torch,linear_torch,torch_compile,liger,liger_linear,cce,torch_linear,chunked,linear_chunked,cce_torch_compile
 else
   IMPLS=quack,quack_linear

@@ -13,8 +13,9 @@ The rows (config and its parameters, V, mode, ms, GB/s, fraction of the ceiling)
 config per V is the one with the highest training fraction among those that passed the gate there; the
 choice is printed last as `best: NAME` (one config won everywhere) or `best: V:NAME,V:NAME,...`, the value
 a session script exports as CEBENCH_TRITON_FUSED_CONFIG for the run that follows (a row takes the entry of
-the smallest V at or above its own; env.json records it). Past --deadline-s no further config is begun, so
-a short slot still names the best of those it measured. CUDA only.
+the smallest V at or above its own; env.json records it); `best eval:` the same by the loss-only fraction,
+for CEBENCH_TRITON_FUSED_EVAL_CONFIG. Past --deadline-s no further config is begun, so a short slot still
+names the best of those it measured. CUDA only.
 
     python scripts/tune_triton_fused.py --json tune.json            # N=8192 bf16, V in 32000 50257 128256 256000
 """
@@ -107,11 +108,13 @@ def main(argv=None) -> int:
             rows += measure_config(fused, config, pristine, targets, roof)
         if device == "cuda":
             torch.cuda.empty_cache()
-    best = config_table(best_configs(rows))
+    best, best_eval = config_table(best_configs(rows)), config_table(best_configs(rows, "eval"))
     if args.json:
         name = torch.cuda.get_device_name() if device == "cuda" else device
-        args.json.write_text(json.dumps({"probe": roof, "rows": rows, "best": best, "device": name,
+        args.json.write_text(json.dumps({"probe": roof, "rows": rows, "best": best, "best_eval": best_eval,
+                                         "device": name,
                                          "seconds": round(time.perf_counter() - start, 1)}, indent=1))
+    print(f"best eval: {best_eval}")
     print(f"best: {best}")
     return 0 if best else 1
 
@@ -141,11 +144,11 @@ def measure_config(fused, config, pristine, targets, roof: dict) -> list[dict]:
     return rows
 
 
-def best_configs(rows: list[dict]) -> dict[int, str]:
-    """Per V, the config with the highest training fraction among those that passed the gate there."""
+def best_configs(rows: list[dict], mode: str = "forward+backward") -> dict[int, str]:
+    """Per V, the config with the highest fraction in `mode` among those that passed the gate there."""
     best: dict[int, tuple[float, str]] = {}
     for r in rows:
-        if r.get("mode") == "forward+backward" and r.get("fraction"):
+        if r.get("mode") == mode and r.get("fraction"):
             if r["V"] not in best or r["fraction"] > best[r["V"]][0]:
                 best[r["V"]] = (r["fraction"], r["config"])
     return {vocab: name for vocab, (_, name) in sorted(best.items())}

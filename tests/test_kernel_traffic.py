@@ -217,5 +217,23 @@ def test_launch_config_by_keyword_or_environment(fused, monkeypatch):
     # a malformed variable makes the kernel unavailable, with the reason, before any case runs
     monkeypatch.setenv(fused.CONFIG_ENV, "32000:balanced,256000")
     assert "'256000' in '32000:balanced,256000' is not VOCAB:NAME" in fused.triton_unavailable_reason()
+    monkeypatch.setenv(fused.CONFIG_ENV, "balanced")
+    monkeypatch.setenv(fused.EVAL_CONFIG_ENV, "32000:quick")
+    assert "unknown triton_fused launch config 'quick'" in fused.triton_unavailable_reason()
     for cfg in fused.CANDIDATE_CONFIGS:  # powers of two, as the kernel's tl.arange needs
         assert cfg.block_v & (cfg.block_v - 1) == 0 and cfg.single_block_max & (cfg.single_block_max - 1) == 0
+
+
+def test_the_loss_only_launch_takes_the_eval_config(fused, monkeypatch):
+    # the tuner may pick another config for the loss alone; fused_ce_rows must ask for it (and scale_rows_ not)
+    monkeypatch.setenv(fused.CONFIG_ENV, "1000:wide,50000:deep")
+    monkeypatch.setenv(fused.EVAL_CONFIG_ENV, "narrow")
+    asked, real = [], fused.plan_launch
+    monkeypatch.setattr(fused, "plan_launch", lambda n, v, b, device, config: asked.append(config.name) or
+                        real(n, v, b, device, config))
+    logits, targets = _inputs(4, 2000)
+    opts = {"reduction": "mean", "ignore_index": IGNORE_INDEX, "label_smoothing": 0.0, "z_loss": 0.0, "softcap": None}
+    fused.fused_ce_rows(logits, targets, None, torch.tensor(4), **opts)
+    fused.fused_ce_rows(logits, targets, logits.clone(), torch.tensor(4), **opts)
+    fused.scale_rows_(logits, torch.tensor(0.5))
+    assert asked == ["narrow", "deep", "deep"]

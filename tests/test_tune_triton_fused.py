@@ -51,6 +51,11 @@ def test_the_printed_table_is_what_the_kernel_reads(tune, monkeypatch):
     assert [fused.select_config(None, v).name for v in (1000, 32000, 50257, 151936, 300000)] == \
         ["narrow", "narrow", "wide", "deep", "deep"]
     assert fused.select_config("balanced", 50257).name == "balanced"  # the keyword wins
+    # the loss-only launch takes its own table where the tuner printed one, else the training one
+    assert fused.select_config(None, 50257, loss_only=True).name == "wide"
+    monkeypatch.setenv(fused.EVAL_CONFIG_ENV, "50257:unbounded,256000:narrow")
+    assert [fused.select_config(None, 50257, loss_only=loss_only).name for loss_only in (True, False)] == \
+        ["unbounded", "wide"]
 
 
 def test_the_gate_measures_the_kernel_against_float32_cross_entropy(tune):
@@ -113,4 +118,5 @@ def test_configs_are_measured_in_order_until_the_deadline_and_the_best_is_named(
     measured = list(dict.fromkeys(r["config"] for r in table["rows"]))
     assert measured == names[:3]
     assert all(r["rel_err_loss"] < 1e-3 and r["rel_err_grad"] < 1e-2 for r in table["rows"])
-    assert table["best"] == names[1] and capsys.readouterr().out.rstrip().endswith(f"best: {names[1]}")
+    assert table["best"] == names[1] and capsys.readouterr().out.rstrip().endswith(
+        f"best eval: {names[0]}\nbest: {names[1]}")  # eval: a tie at every config, the first measured keeps it
