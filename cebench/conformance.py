@@ -262,7 +262,7 @@ def _cell(worker, impl: Impl, scenario: Scenario, device: str, timeout) -> dict:
             if message[0] == "result":
                 result = message[1]
             elif message[0] == "error":
-                result = {"status": "error", "detail": "harness error: " + message[1].strip().splitlines()[-1]}
+                result = {"status": "error", "detail": "harness error: " + message[2]}
     except WorkerDied as death:
         # an out-of-range target that kills the process (an abort, a device-side assert) is not silent,
         # and not the error or NaN asked for either: recorded as what it is

@@ -12,8 +12,9 @@ A cell (implementation × case) costs, in order:
                the linear family, five float64 matrix products of 2·N·V·H each (logits, and two
                gradients each for the exact answer and the dtype's best) at FP64_TFLOPS;
   check calls  one training call (forward+backward) and one evaluation call;
-  per mode     one call for the peak memory, then the timing loop: do_bench's own 1 + 5 calls
-               to estimate, warm-up and repeats, topped up to min_repeats (cebench.measure);
+  per mode     one call for the peak memory, then the timing (cebench.measure): a routing call,
+               then do_bench's own 1 + 5 calls to estimate, warm-up and repeats, or, for a call
+               too slow for min_repeats of them in `rep`, a per-call loop without do_bench;
                backward mode times with a fresh forward before every call;
   compile      the first time an implementation meets a shape (COMPILE_S), and a worker start
                per implementation (WORKER_START_S).
@@ -93,10 +94,15 @@ def call_ms(impl: str, case: Case, mode: str, gpu: dict) -> float:
 
 
 def timing_calls(t_ms: float, plan: TimingPlan) -> int:
-    """Calls the do_bench path makes for a call of t_ms (cebench.measure._time_cuda, with do_bench's own)."""
+    """Calls the timing of a call of t_ms makes (cebench.measure._time_cuda): one routing call, then
+    do_bench's own 1 + 5, warm-up and repeats, or, for a call that `rep` holds fewer than min_repeats
+    times, the per-call loop's sizing call, warm-up and timed calls (no do_bench)."""
     t = max(t_ms, 1e-3)
+    if t * plan.min_repeats > plan.cuda_rep_ms:
+        warmup, timed = plan.cuda_call_counts(t)
+        return 1 + 1 + warmup + timed
     samples = max(1, int(plan.cuda_rep_ms / t))
-    calls = 1 + 5 + max(1, int(plan.cuda_warmup_ms / t)) + samples
+    calls = 1 + 1 + 5 + max(1, int(plan.cuda_warmup_ms / t)) + samples
     while samples < plan.min_repeats:  # each top-up asks for the missing samples' time x 1.2
         more = max(1, int((plan.min_repeats - samples) * 1.2))
         calls += 5 + 1 + more

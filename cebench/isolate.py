@@ -203,8 +203,9 @@ def _worker_main(conn, source_file: str, plugins: list[str], device: str, log_pa
             impl = _find_impl(impl_name, plugins)
             for message in task(impl, **kwargs):
                 conn.send(message)
-        except Exception:  # a harness error inside the task: report it, keep the worker
-            conn.send(("error", traceback.format_exc(limit=6)))
+        except Exception as exc:  # a harness error inside the task: report it, keep the worker
+            # the exception on one line too: a CUDA error's message spans lines and ends in advice
+            conn.send(("error", traceback.format_exc(limit=6), f"{type(exc).__name__}: {exc}".replace("\n", " ")[:500]))
         poisoned = _cuda_poisoned(device)
         if poisoned:
             conn.send(("exiting", poisoned))

@@ -1,8 +1,9 @@
 """Time and peak memory of a zero-argument callable, on CUDA or on the CPU.
 
 CUDA: `triton.testing.do_bench` (CUDA events, warm-up, an L2 flush before every repeat,
-gradients set to None between repeats) returns every sample; peak memory comes from the
-caching allocator's counters.
+gradients set to None between repeats) returns every sample; a call too slow for do_bench's
+budget to hold min_repeats of them goes through the same protocol in a loop of our own, which
+skips do_bench's sizing calls. Peak memory comes from the caching allocator's counters.
 
 CPU: wall-clock `perf_counter` around each call, repeated until both a minimum count
 and a minimum time are reached. Peak memory is measured, not estimated: the profiler's
@@ -87,12 +88,17 @@ def _reset_grads(tensors) -> None:
 def _time_cuda(fn, plan: TimingPlan, grad_to_none) -> Timing:
     """triton.testing.do_bench's samples, at least plan.min_repeats of them.
 
-    do_bench sizes its repeat count from `rep` milliseconds: a call slower than `rep` gets one
-    sample, and then p20/p80 and compare's Mann-Whitney test mean nothing. It is called again,
-    with the time still missing, until enough samples are in (each call keeps its own L2 flush).
+    do_bench sizes its repeat count from `rep` milliseconds, after 1 + 5 untimed calls that size it.
+    A call so slow that `rep` holds fewer than min_repeats of them would get one sample per ask, and
+    every ask would pay those 6 calls again: such calls (one flushed call tells) are timed by the
+    per-call loop instead, which is do_bench's protocol (L2 flush, events, gradients reset) without
+    the sizing calls. Otherwise, if do_bench still returns too few samples (a call slower than the
+    first), it is called again with the time still missing, until enough samples are in.
     """
     from triton.testing import do_bench
 
+    if _flushed_call_ms(fn, grad_to_none) * plan.min_repeats > plan.cuda_rep_ms:
+        return _time_cuda_with_setup(lambda _state: fn(), lambda: None, plan, grad_to_none)
     grads = list(grad_to_none) or None
     samples = [float(s) for s in do_bench(fn, warmup=plan.cuda_warmup_ms, rep=plan.cuda_rep_ms, grad_to_none=grads,
                                            return_mode="all")]
@@ -100,6 +106,14 @@ def _time_cuda(fn, plan: TimingPlan, grad_to_none) -> Timing:
         missing_ms = (plan.min_repeats - len(samples)) * statistics.median(samples) * 1.2
         samples += [float(s) for s in do_bench(fn, warmup=0, rep=missing_ms, grad_to_none=grads, return_mode="all")]
     return Timing(samples)
+
+
+def _flushed_call_ms(fn, grad_to_none) -> float:
+    """One call of `fn()` from a cold L2, timed with events: which timing path suits it."""
+    flush = l2_flush_buffer()
+    _reset_grads(grad_to_none)
+    flush.zero_()
+    return event_time(lambda _state: fn(), None)
 
 
 def l2_flush_buffer() -> torch.Tensor:

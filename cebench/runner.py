@@ -194,8 +194,7 @@ class CellRunner:
             if self.ref is not None:
                 self.ref.release()
             self.ref = None
-            if self.device.startswith("cuda"):
-                torch.cuda.empty_cache()
+            free_cuda_cache(self.device)
         return rows, True
 
     def _agreement_rows(self) -> tuple[list[dict], bool]:
@@ -278,8 +277,7 @@ class CellRunner:
             yield self.row(mode, "time", _failure_status(exc), unit="ms", reason=_describe(exc))
             return
         finally:
-            if self.device.startswith("cuda"):
-                torch.cuda.empty_cache()
+            free_cuda_cache(self.device)
         key = {"impl": self.impl.name, "case": self.case.id, "mode": mode}
         self.on_samples(key, timing.samples_ms)
         mutated = [] if self.impl.mutates_inputs else mutated_inputs(inputs, self.pristine)
@@ -337,6 +335,18 @@ def mutated_inputs(inputs: dict[str, torch.Tensor], pristine: dict[str, torch.Te
     return changed
 
 
+def free_cuda_cache(device: str) -> None:
+    """Hand cached blocks back between measurements. After an illegal access or a device-side assert the
+    context is unusable and this raises the same error again: swallowed here, so the failure row that
+    names the cause survives (raising in a `finally` would replace it with this one); the worker then
+    finds the context poisoned and is restarted (cebench.isolate)."""
+    if device.startswith("cuda"):
+        try:
+            torch.cuda.empty_cache()
+        except Exception:  # noqa: BLE001, S110 - reported by the row already being returned
+            pass
+
+
 def _describe(exc: BaseException) -> str:
     text = f"{type(exc).__name__}: {exc}".replace("\n", " ")
     return text[:500]
@@ -348,9 +358,10 @@ def run_suite(suite, impls: list[Impl], device: str, writer, run_id: str, log=pr
     """Run every cell of `suite` for `impls`, writing rows as they are measured.
 
     isolate: each implementation runs in a worker process of its own (cebench.isolate),
-    implementation by implementation; a crash or a cell past `timeout` seconds becomes
-    failed/timeout rows and the run goes on. Without it everything runs in this process,
-    case by case (for debugging; the CLI isolates by default). `done` holds the
+    implementation by implementation in the order of `impls` (the --impl order: a run cut short
+    by its budget loses the last ones named, not whichever the suite happens to list last); a
+    crash or a cell past `timeout` seconds becomes failed/timeout rows and the run goes on.
+    Without it everything runs in this process, case by case (for debugging; the CLI isolates by default). `done` holds the
     (impl, case id) cells already finished by an earlier, interrupted run: they are skipped.
     """
     outcome = Outcome()
@@ -365,6 +376,8 @@ def run_suite(suite, impls: list[Impl], device: str, writer, run_id: str, log=pr
         _note(outcome, row, log)
 
     if isolate:
+        rank = {impl.name: i for i, impl in enumerate(impls)}
+        todo.sort(key=lambda cell: rank[cell[2].name])  # stable: each implementation's cells in suite order
         _run_isolated(todo, suite.timing, device, writer, emit, log, plugins, timeout, log_dir)
     else:
         _run_inline(todo, suite.timing, device, writer, emit, log)
@@ -412,8 +425,6 @@ def cell_task(impl: Impl, case: Case, modes, device: str, plan: TimingPlan) -> I
 
 def _run_isolated(todo, plan, device, writer, emit, log, plugins, timeout, log_dir) -> None:
     log_dir = Path(log_dir) if log_dir else Path(tempfile.mkdtemp(prefix="cebench-logs-"))
-    order = {c[2].name: i for i, c in reversed(list(enumerate(todo)))}
-    todo = sorted(todo, key=lambda c: order[c[2].name])  # stable: implementation by implementation
     worker, current, index = None, None, 0
     for case, modes, impl in todo:
         index += 1
@@ -432,9 +443,8 @@ def _run_isolated(todo, plan, device, writer, emit, log, plugins, timeout, log_d
                     emit(message[1])
                 elif message[0] == "samples":
                     writer.write_samples(message[1], message[2])
-                elif message[0] == "error":
-                    last = message[1].strip().splitlines()[-1]  # the exception line of the traceback
-                    _finish_cell(impl, case, modes, device, plan, seen, "failed", "harness error: " + last, emit)
+                elif message[0] == "error":  # (traceback, "Type: message" on one line)
+                    _finish_cell(impl, case, modes, device, plan, seen, "failed", "harness error: " + message[2], emit)
                 elif message[0] == "poisoned":
                     log(f"  worker for {impl.name} restarted: CUDA context unusable after {message[1]}")
         except WorkerDied as death:

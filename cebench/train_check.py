@@ -177,7 +177,7 @@ class _Runner:
             return replace(out, status="failed", reason=f"{type(exc).__name__}: {exc}")
         for message in messages:
             if message[0] == "error":
-                return replace(out, status="failed", reason=message[1].strip().splitlines()[-1])
+                return replace(out, status="failed", reason=message[2])
             if message[0] == "result":
                 data = message[1]
                 weights = {k: torch.from_numpy(v).double() for k, v in data["weights"].items()}

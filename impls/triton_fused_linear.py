@@ -102,7 +102,6 @@ def accumulate_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None
     below ACC_BLOCK_BYTES, besides b upcast once (a chunk of weight rows for grad_hidden; under
     autocast, for grad_weight, the hidden states, N × H).
     """
-    global _dtype_addmm_ok
     if a.dtype == acc.dtype:
         acc.addmm_(a, b)
         return
@@ -110,18 +109,28 @@ def accumulate_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None
         try:
             torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
             return
-        except TypeError:  # a torch without the out_dtype overload
-            _dtype_addmm_ok = False
+        except TypeError as exc:  # a torch without the out_dtype overload
+            _fall_back(exc)
         except RuntimeError as exc:  # "self and mat2 must have the same dtype" before the fp32-self relaxation
             if "dtype" not in str(exc):
                 raise
-            _dtype_addmm_ok = False
+            _fall_back(exc)
     # every torch, every device: blocks of rows of `a` upcast, added in place; b upcast once
     rows = max(1, ACC_BLOCK_BYTES // (4 * max(a.shape[1], b.shape[1])))
     b32 = b.float()
     for start in range(0, a.shape[0], rows):
         blk = slice(start, start + rows)
         acc[blk].addmm_(a[blk].float(), b32)
+
+
+def _fall_back(exc: Exception) -> None:
+    # said once, on stderr (a worker's log: runs/<run>/logs/), since it changes what is timed: the blocked
+    # fallback upcasts a and b and multiplies in fp32, several times slower on a GPU than bf16 products
+    global _dtype_addmm_ok
+    _dtype_addmm_ok = False
+    print(f"triton_fused_linear: torch {torch.__version__} refuses addmm(out_dtype=float32) into an fp32 accumulator "
+          f"({type(exc).__name__}: {str(exc)[:200]}); grad_hidden is accumulated by blocked fp32 matmuls instead",
+          file=sys.stderr)
 
 
 def narrow_in_place(acc: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -24,9 +24,14 @@ DEADLINE_S=${DEADLINE_S:-545}  # the headline gets what is left of this after in
 SITE=/tmp/site
 mkdir -p "$OUT" "$W/runs" "$W/logs"
 export PYTHONUNBUFFERED=1
+# torch.cuda.is_available() through NVML, which does not initialise CUDA: a check made before the workers
+# fork can then not poison them ("Cannot re-initialize CUDA in forked subprocess")
+export PYTORCH_NVML_BASED_CUDA_CHECK=1
 log() { echo "[$(date +%T)] $*" | tee -a "$W/logs/session.log"; }
-pack() { tar cJf "$OUT/results.tar.xz.tmp" -C "$W" runs logs && mv "$OUT/results.tar.xz.tmp" "$OUT/results.tar.xz"
-         cp "$W/logs/session.log" "$OUT/"; }  # also during the run: a call cut off still brings back what it had
+# also during the run: a call cut off still brings back what it had. tar exits 1 when a file grew while it was
+# read (results.csv, the logs: always, mid-run); that archive is still whole, so only rc > 1 keeps the old one
+pack() { tar cJf "$OUT/results.tar.xz.tmp" -C "$W" runs logs; (( $? <= 1 )) && mv "$OUT/results.tar.xz.tmp" "$OUT/results.tar.xz"
+         cp "$W/logs/session.log" "$OUT/"; }
 
 log "install carried wheels"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" .whl/*.whl \
@@ -42,10 +47,10 @@ if [[ $STAGE == first ]]; then
   timeout 150 python3 -m cebench run --suite smoke --device cuda --out "$W/runs" --no-report \
     > "$W/logs/smoke.log" 2>&1; log "smoke exit $?"; pack
   log "tune triton_fused's launch config"
-  timeout 100 python3 scripts/tune_triton_fused.py --deadline-s 75 --json "$W/logs/tune.json" > "$W/logs/tune.log" 2>&1
-  RC=$?; BEST=$(sed -n 's/^best: //p' "$W/logs/tune.log")
+  timeout 100 python3 scripts/tune_triton_fused.py --deadline-s 60 --json "$W/logs/tune.json" > "$W/logs/tune.log" 2>&1
+  RC=$?; BEST=$(sed -n 's/^best: //p' "$W/logs/tune.log" | tail -1)  # the choice so far is printed after each config
   if [[ -n $BEST && $BEST != None ]]; then export CEBENCH_TRITON_FUSED_CONFIG=$BEST; fi
-  BEST=$(sed -n 's/^best eval: //p' "$W/logs/tune.log")  # the loss-only launch's, per V
+  BEST=$(sed -n 's/^best eval: //p' "$W/logs/tune.log" | tail -1)  # the loss-only launch's, per V
   if [[ -n $BEST && $BEST != None ]]; then export CEBENCH_TRITON_FUSED_EVAL_CONFIG=$BEST; fi
   log "tuning exit $RC, config ${CEBENCH_TRITON_FUSED_CONFIG:-default}, eval ${CEBENCH_TRITON_FUSED_EVAL_CONFIG:-same}"
   pack
@@ -56,14 +61,16 @@ fi
 
 BUDGET_S=$((DEADLINE_S - SECONDS)); (( BUDGET_S < 60 )) && BUDGET_S=60
 log "gpu-headline ($IMPLS), budget ${BUDGET_S}s"
-python3 -m cebench run --suite gpu-headline --device cuda --impl "$IMPLS" --out "$W/runs" --no-report \
+# a process group of its own (setsid), so that stopping it stops its forkserver and workers too: they would
+# otherwise go on computing, and writing logs while the archive is made
+setsid python3 -m cebench run --suite gpu-headline --device cuda --impl "$IMPLS" --out "$W/runs" --no-report \
   > "$W/logs/headline.log" 2>&1 &
 PID=$!
 for ((i = 0; i < BUDGET_S; i += 5)); do
   kill -0 $PID 2>/dev/null || break; sleep 5; (( i % 60 == 55 )) && pack
 done
 if kill -0 $PID 2>/dev/null; then
-  log "budget spent: stopping the headline (resume it later)"; kill -TERM $PID; sleep 5; kill -KILL $PID 2>/dev/null
+  log "budget spent: stopping the headline (resume it later)"; kill -TERM -- -$PID; sleep 5; kill -KILL -- -$PID 2>/dev/null
 fi
 wait $PID 2>/dev/null; log "headline exit $?"
 # the tuning table travels with the run it chose the config for (committed with results/<run>/)

@@ -87,7 +87,41 @@ def test_cuda_default_timeout_is_180_s_and_cpu_600():
 @pytest.mark.parametrize("t_ms,plan", [(0.01, TimingPlan()), (500.0, TimingPlan(min_repeats=5, cuda_rep_ms=50.0))])
 def test_estimate_counts_at_least_min_repeats(t_ms, plan):
     calls = estimate.timing_calls(t_ms, plan)
-    assert calls >= 1 + 5 + 1 + plan.min_repeats
+    assert calls >= 1 + 1 + 1 + plan.min_repeats
+
+
+def test_estimate_counts_the_calls_measure_makes(monkeypatch):
+    # the model's count against the real timing code driven by fake CUDA events, on both of its paths
+    import triton.testing
+
+    from cebench import measure
+
+    class Event:
+        def __init__(self, enable_timing=False):
+            pass
+
+        def record(self):
+            pass
+
+        def elapsed_time(self, other):
+            return t_ms
+
+    class DoBench:  # triton's: 1 + 5 sizing calls, warm-up and repeats sized from the call's time
+        def __call__(self, fn, warmup=25, rep=100, grad_to_none=None, return_mode="mean"):
+            n = 1 + 5 + max(1, int(warmup / t_ms)) + max(1, int(rep / t_ms))
+            for _ in range(n):
+                fn()
+            return [t_ms] * max(1, int(rep / t_ms))
+
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
+    monkeypatch.setattr(measure, "l2_flush_buffer", lambda: type("F", (), {"zero_": lambda self: None})())
+    monkeypatch.setattr(triton.testing, "do_bench", DoBench())
+    plan = TimingPlan(min_repeats=5, cuda_warmup_ms=10.0, cuda_rep_ms=50.0)
+    for t_ms in (0.2, 4.0, 12.0, 300.0):
+        calls = []
+        measure.time_callable(lambda made=calls: made.append(1), "cuda", plan)
+        assert len(calls) == estimate.timing_calls(t_ms, plan), t_ms
 
 
 def test_every_shipped_suite_has_an_estimate():
@@ -126,3 +160,43 @@ def test_runs_from_a_checkout_without_install(tmp_path):
                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.splitlines()[0].startswith(str(ROOT)) and "triton_fused" in out.stdout
+
+
+def test_a_poisoned_cuda_context_keeps_the_failure_row(monkeypatch):
+    # after an illegal access, empty_cache() raises the same sticky error: it must not replace the row
+    # that names the cause (the worker is restarted afterwards, cebench.isolate._cuda_poisoned)
+    from cebench import runner
+
+    def sticky():
+        raise RuntimeError("CUDA error: an illegal memory access was encountered\nCompile with TORCH_USE_CUDA_DSA")
+
+    monkeypatch.setattr(torch.cuda, "empty_cache", sticky)
+    runner.free_cuda_cache("cuda:0")  # swallowed
+    runner.free_cuda_cache("cpu")
+
+
+def test_a_harness_error_is_reported_by_its_exception_not_the_tracebacks_last_line(monkeypatch, tmp_path, impls):
+    # a CUDA error's message spans lines and ends in advice ("Compile with TORCH_USE_CUDA_DSA ...");
+    # the worker sends the exception on one line and the row's reason carries it
+    from cebench import runner
+
+    class FakeWorker:
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def run(self, task, timeout):
+            yield ("error", "Traceback ...\nRuntimeError: CUDA error: illegal access\nCompile with TORCH_USE_CUDA_DSA",
+                   "RuntimeError: CUDA error: illegal access Compile with TORCH_USE_CUDA_DSA")
+
+        def stop(self):
+            pass
+
+    monkeypatch.setattr(runner, "Worker", FakeWorker)
+    (tmp_path / "one.toml").write_text('name = "one"\ndevice = "cpu"\n[[sweep]]\nfamily = "logits"\nN = [4]\nV = [9]\n'
+                                       'modes = ["forward"]\n')
+    rows = []
+    writer = type("W", (), {"write_row": lambda self, r: rows.append(r), "write_samples": lambda self, k, s: None})()
+    runner.run_suite(suites.load(str(tmp_path / "one.toml")), [impls["torch"]], "cpu", writer, "r",
+                     log=lambda *a: None, isolate=True)
+    reasons = {r["reason"] for r in rows if r.get("status") == "failed"}
+    assert reasons and all("harness error: RuntimeError: CUDA error: illegal access" in r for r in reasons), reasons

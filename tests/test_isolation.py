@@ -168,3 +168,34 @@ def test_resume_refuses_other_arguments(tmp_path):
     proc = cebench_cli("run", "--resume", tmp_path, "--impl", "torch")
     assert proc.returncode == 2
     assert "--resume takes the run's arguments" in proc.stderr
+
+
+def test_implementations_run_in_the_impl_order_not_the_suites(tmp_path):
+    # a budget that cuts a run short must lose the implementations named last in --impl: the suite lists
+    # naive_softmax's cells first, the command names torch first, so torch's worker runs first
+    (tmp_path / "order.toml").write_text("""
+name = "order"
+device = "cpu"
+[timing]
+warmup = 0
+min_repeats = 1
+max_repeats = 1
+min_time_s = 0.0
+[[sweep]]
+family = "logits"
+N = [8]
+V = [33]
+modes = ["forward"]
+impls = ["naive_softmax"]
+[[sweep]]
+family = "logits"
+N = [16]
+V = [33]
+modes = ["forward"]
+impls = ["torch", "naive_softmax"]
+""")
+    proc = cebench_cli("run", "--suite", tmp_path / "order.toml", "--impl", "torch,naive_softmax", "--out", tmp_path,
+                       "--no-report")
+    assert proc.returncode == 0, proc.stderr
+    started = [line.split("] ", 1)[1].split(" on ")[0] for line in proc.stderr.splitlines() if line.startswith("[")]
+    assert started == ["torch", "naive_softmax", "naive_softmax"], proc.stderr

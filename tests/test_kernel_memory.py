@@ -51,7 +51,7 @@ def test_cuda_branch_accumulates_into_the_fp32_buffer(fused_linear, dtype):
 
 @pytest.mark.parametrize("refusal", [RuntimeError("self and mat2 must have the same dtype, but got Float and BFloat16"),
                                      TypeError("addmm() got an unexpected keyword argument 'out_dtype'")])
-def test_cuda_branch_falls_back_to_bounded_blocks_on_an_older_torch(fused_linear, monkeypatch, refusal):
+def test_cuda_branch_falls_back_to_bounded_blocks_on_an_older_torch(fused_linear, monkeypatch, refusal, capsys):
     # torch builds whose addmm(out_dtype=) wants `self` in the input dtype refuse the fp32
     # accumulator, older ones have no out_dtype at all; the fallback's fp32 temporaries are then
     # one block of rows at a time
@@ -67,6 +67,7 @@ def test_cuda_branch_falls_back_to_bounded_blocks_on_an_older_torch(fused_linear
     with NewTensors(acc) as seen:
         fused_linear.accumulate_fp32(acc, a, b)
     assert not fused_linear._dtype_addmm_ok
+    assert "blocked fp32 matmuls instead" in capsys.readouterr().err  # said, since it changes what is timed
     assert seen.new and all(rows * cols * 4 <= V * H for _, (rows, cols) in seen.new), seen.new
 
 

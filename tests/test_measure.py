@@ -107,18 +107,45 @@ class FakeDoBench:
         return [self.call_ms] * max(1, int(rep / self.call_ms))
 
 
-@pytest.mark.parametrize("call_ms", [0.5, 150.0, 900.0])
-def test_do_bench_path_gives_min_repeats_for_slow_calls(monkeypatch, call_ms):
+def _fake_cuda_calls(monkeypatch, call_ms: float) -> list:
+    """CUDA events that time every call at call_ms, no-op syncs and flushes; returns the log of calls."""
+    TimedEvent.call_ms = call_ms
+    monkeypatch.setattr(torch.cuda, "Event", TimedEvent)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
+    monkeypatch.setattr(measure, "l2_flush_buffer", FakeFlush)
+    return []
+
+
+@pytest.mark.parametrize("call_ms", [0.5, 15.0])
+def test_do_bench_times_calls_that_fit_its_budget_min_repeats_times(monkeypatch, call_ms):
     import triton.testing
 
+    _fake_cuda_calls(monkeypatch, call_ms)
     fake = FakeDoBench(call_ms)
     monkeypatch.setattr(triton.testing, "do_bench", fake)
     plan = TimingPlan(min_repeats=5, cuda_warmup_ms=25.0, cuda_rep_ms=100.0)
     leaf = torch.zeros(1, requires_grad=True)
     timing = time_callable(lambda: None, "cuda", plan, grad_to_none=[leaf])
-    assert len(timing.samples_ms) >= 5
+    assert len(timing.samples_ms) >= 5 and len(fake.calls) == 1
     assert fake.calls[0]["warmup"] == 25.0 and fake.calls[0]["rep"] == 100.0  # the plan's warm-up and budget
     assert all(c["mode"] == "all" and c["grad_to_none"] == [leaf] for c in fake.calls)
+
+
+@pytest.mark.parametrize("call_ms,calls", [(25.0, 1 + 1 + 1 + 5), (150.0, 1 + 1 + 1 + 5), (900.0, 1 + 1 + 1 + 5)])
+def test_slower_calls_skip_do_bench_and_its_sizing_calls(monkeypatch, call_ms, calls):
+    # min_repeats x call > rep: do_bench would spend 1 + 5 calls sizing itself per sample; the per-call loop
+    # takes the routing call, its own sizing call, one warm-up and min_repeats timed calls
+    import triton.testing
+
+    _fake_cuda_calls(monkeypatch, call_ms)
+    monkeypatch.setattr(triton.testing, "do_bench", lambda *a, **k: pytest.fail("do_bench for a slow call"))
+    made = []
+    leaf = torch.zeros(1, requires_grad=True)
+    leaf.grad = torch.ones(1)
+    timing = time_callable(lambda: made.append(leaf.grad), "cuda", TimingPlan(min_repeats=5, cuda_warmup_ms=10.0,
+                                                                              cuda_rep_ms=100.0), grad_to_none=[leaf])
+    assert len(made) == calls and made == [None] * calls  # gradients reset before every call
+    assert timing.samples_ms == [call_ms] * 5
 
 
 class FakeEvent:
@@ -167,9 +194,11 @@ class RecordingDoBench(FakeDoBench):
 
 @pytest.mark.parametrize("call_ms,expected_reps", [(0.5, [90.0]), (150.0, [90.0, 720.0]), (40.0, [90.0, 144.0])])
 def test_do_bench_is_asked_again_for_exactly_the_time_missing(monkeypatch, call_ms, expected_reps):
-    """A follow-up call asks for (samples missing) x median x 1.2 ms, without warm-up, until min_repeats are in."""
+    """A follow-up call asks for (samples missing) x median x 1.2 ms, without warm-up, until min_repeats are in
+    (the routing call was fast, 1 ms; the calls do_bench then times are call_ms)."""
     import triton.testing
 
+    _fake_cuda_calls(monkeypatch, 1.0)
     fake = RecordingDoBench(call_ms)
     monkeypatch.setattr(triton.testing, "do_bench", fake)
 
