@@ -116,7 +116,7 @@ def _fake_cuda_calls(monkeypatch, call_ms: float) -> list:
     return []
 
 
-@pytest.mark.parametrize("call_ms", [0.5, 15.0])
+@pytest.mark.parametrize("call_ms", [0.5, 15.0, 20.0])  # 20 ms: exactly min_repeats (5) fit the 100 ms budget
 def test_do_bench_times_calls_that_fit_its_budget_min_repeats_times(monkeypatch, call_ms):
     import triton.testing
 
@@ -205,7 +205,10 @@ def test_do_bench_is_asked_again_for_exactly_the_time_missing(monkeypatch, call_
     def fn():
         return None
 
-    timing = time_callable(fn, "cuda", TimingPlan(min_repeats=5, cuda_warmup_ms=7.0, cuda_rep_ms=90.0))
+    leaf = torch.zeros(1, requires_grad=True)
+    timing = time_callable(fn, "cuda", TimingPlan(min_repeats=5, cuda_warmup_ms=7.0, cuda_rep_ms=90.0),
+                           grad_to_none=[leaf])
+    assert all(c["mode"] == "all" and c["grad_to_none"] == [leaf] for c in fake.calls)  # every ask, top-ups too
     assert [c["rep"] for c in fake.calls] == pytest.approx(expected_reps)
     assert [c["warmup"] for c in fake.calls] == [7.0] + [0] * (len(expected_reps) - 1)  # the plan's, not do_bench's
     assert all(f is fn for f in fake.fns)
