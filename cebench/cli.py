@@ -22,7 +22,7 @@ import torch
 from cebench import conformance, distributed, estimate, models, registry, resume, suites
 from cebench.cases import CaseError
 from cebench.probe import run_probe
-from cebench.report import write_reports
+from cebench.report.write import write_reports
 from cebench.results import REPO, RunWriter, environment, new_run_id, write_env
 from cebench.runner import run_suite, stderr_log
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import pandas as pd
 from scipy.stats import mannwhitneyu
 
-from cebench.report_data import load
+from cebench.report.data import load
 
 ALPHA = 0.05
 KEY = ["impl", "case", "mode"]

@@ -333,6 +333,6 @@ def write(rows: list[dict], device: str, out: Path | None = None) -> Path:
         writer.writerows(rows)
     path = folder / "conformance.md"
     path.write_text(markdown(rows, device))
-    # the versions a report matches a run against before trusting this table (cebench/report_trust.py)
+    # the versions a report matches a run against before trusting this table (cebench/report/trust.py)
     (folder / "versions.json").write_text(json.dumps(environment(device, "conformance", ""), indent=2) + "\n")
     return path

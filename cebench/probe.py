@@ -3,7 +3,7 @@
 The report draws these as ceilings: a logits-family kernel is memory-bound, so its achieved
 GB/s is compared with what a plain device-to-device copy reaches on the same GPU (training:
 read the logits, write the gradient) or what a sum over a buffer far larger than L2 reaches
-(evaluation reads only; cebench/report_roofline.py); a linear
+(evaluation reads only; cebench/report/roofline.py); a linear
 cross-entropy is matmul-bound, so its TFLOP/s is compared with a large bf16 matmul. Measured
 ceilings, not datasheet numbers, because clocks, power limits and MIG slices differ per machine.
 

@@ -13,8 +13,11 @@ from pathlib import Path
 
 import pytest
 
-from cebench import memory_model, probe, report_data, report_roofline, report_verdicts
-from cebench.report import default_reports_dir, write_reports
+from cebench import memory_model, probe
+from cebench.report import data as report_data
+from cebench.report import roofline as report_roofline
+from cebench.report import verdicts as report_verdicts
+from cebench.report.write import default_reports_dir, write_reports
 from cebench.results import RunWriter, write_env
 
 MODES = ("forward", "backward", "forward+backward")
@@ -226,7 +229,7 @@ def test_speed_of_light_table_holds_each_mode_to_its_ceiling(tmp_path):
 
 
 def test_reports_dir_for_runs_in_results():
-    from cebench.report import REPORTS_DIR, RESULTS_DIR
+    from cebench.report.write import REPORTS_DIR, RESULTS_DIR
 
     assert default_reports_dir(RESULTS_DIR / "20260101-000000-smoke-cpu") == REPORTS_DIR
     assert default_reports_dir(Path("/tmp/x/run")) == Path("/tmp/x/reports")
@@ -235,7 +238,7 @@ def test_reports_dir_for_runs_in_results():
 def test_cce_table1_beside_this_run_at_the_gemma2_head(tmp_path):
     """Memory against the paper's MB directly; times as ratios to the baseline, the paper's and this run's; the
     lower bound's row holds ours. A run without the head has no such table."""
-    from cebench.report_table1 import table1
+    from cebench.report.table1 import table1
 
     run_id, writer = "20260102-030405-gemma2-cuda", RunWriter(tmp_path / "20260102-030405-gemma2-cuda")
     case = "linear N=8192 V=256000 H=2304 bfloat16 mean"
@@ -262,7 +265,7 @@ def test_cce_table1_beside_this_run_at_the_gemma2_head(tmp_path):
 
 
 def test_stability_sets_each_take_beside_the_first_and_marks_a_spread_above_3_percent(tmp_path):
-    from cebench.report_stability import first_take, stability_table
+    from cebench.report.stability import first_take, stability_table
 
     run_id, writer = "20260102-030405-stab-cuda", RunWriter(tmp_path / "20260102-030405-stab-cuda")
     medians = {("torch", 1): 2.00, ("torch", 2): 2.04, ("lean", 1): 3.00, ("lean", 2): 3.15, ("solo", 1): 1.0}
@@ -285,7 +288,7 @@ def test_stability_sets_each_take_beside_the_first_and_marks_a_spread_above_3_pe
 
 
 def test_cce_table1_reads_the_first_take_not_a_stability_retake(tmp_path):
-    from cebench.report_table1 import table1
+    from cebench.report.table1 import table1
 
     run_id, writer = "20260102-030405-retake-cuda", RunWriter(tmp_path / "20260102-030405-retake-cuda")
     case = "linear N=8192 V=256000 H=2304 bfloat16 mean"

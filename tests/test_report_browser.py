@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from cebench.report import write_reports
+from cebench.report.write import write_reports
 
 CHROMIUM = next((p for p in (os.environ.get("CHROMIUM"), shutil.which("chromium"), shutil.which("chromium-browser"),
                              shutil.which("google-chrome")) if p), None)

@@ -16,10 +16,12 @@ from pathlib import Path
 
 import pytest
 
-from cebench import conformance, report_data, report_trust
-from cebench.report import write_reports
-from cebench.report_accuracy import LOOSE_ABOVE
-from cebench.report_verdicts import recommendations, verdicts
+from cebench import conformance
+from cebench.report import data as report_data
+from cebench.report import trust as report_trust
+from cebench.report.accuracy import LOOSE_ABOVE
+from cebench.report.verdicts import recommendations, verdicts
+from cebench.report.write import write_reports
 from cebench.results import RunWriter, environment, write_env
 
 MODES = ("forward", "backward", "forward+backward", "eval")
@@ -291,7 +293,7 @@ def test_eval_is_shown_as_the_loss_only_comparison(shown):
 
 
 def test_accuracy_figure_and_loose_marking(shown):
-    from cebench.report_accuracy import accuracy_table
+    from cebench.report.accuracy import accuracy_table
 
     table = accuracy_table(shown["run"].frame, "logits")
     assert table.columns[2:5] == ["check", "eval check", "accuracy (worst; 1 = the dtype's best)"]
@@ -362,8 +364,8 @@ COMMITTED = sorted(p for p in (Path(__file__).resolve().parent.parent / "results
 
 @pytest.mark.parametrize("run_dir", COMMITTED, ids=[p.name for p in COMMITTED])
 def test_committed_runs_render(run_dir):
-    from cebench.report_html import html
-    from cebench.report_md import markdown
+    from cebench.report.html import html
+    from cebench.report.md import markdown
 
     run = report_data.load(run_dir)
     assert "## Verdict" in markdown(run, {}) and "<html" in html(run, {})

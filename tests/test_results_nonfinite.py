@@ -13,7 +13,7 @@ import math
 
 import pandas as pd
 
-from cebench.report import write_reports
+from cebench.report.write import write_reports
 from cebench.results import NUMERIC, RunWriter, read_results, write_env
 
 ODD = (float("nan"), float("inf"), float("-inf"))

@@ -20,7 +20,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from cebench import memory_model  # noqa: E402
-from cebench.report_data import BASELINE, modes_of, speedups, trusted  # noqa: E402
+from cebench.report.data import BASELINE, modes_of, speedups, trusted  # noqa: E402
 
 SERIES_KEYS = ("dtype", "distribution", "N", "V", "H", "world_size", "reduction", "ignore_frac", "label_smoothing", "z_loss",
                "softcap")

@@ -40,7 +40,7 @@ CONFORMANCE_DIR = Path(__file__).resolve().parent.parent / "reports" / "conforma
 
 def run_problems(frame: pd.DataFrame) -> dict[tuple, list[str]]:
     """(impl, family, dtype) -> why the run speaks against it: failed checks, inputs overwritten while timed."""
-    from cebench.report_data import label_of  # cebench.report_data builds on this module
+    from cebench.report.data import label_of  # cebench.report.data builds on this module
 
     bad = frame[((frame["metric"].isin(CHECKS)) | (frame["metric"] == "mutates_input")) & (frame["status"] == "failed")]
     labels = label_of(frame) if len(bad) else {}
@@ -212,7 +212,7 @@ def build(frame: pd.DataFrame, env: dict, run_dir: Path | None = None, conforman
     if trust.table is not None:
         trust.conformance, trust.elsewhere, trust.absent = conformance_problems(frame, trust.table)
     if run_dir is not None:
-        from cebench.compare import read_samples  # cebench.compare imports cebench.report_data
+        from cebench.compare import read_samples  # cebench.compare imports cebench.report.data
 
         try:
             trust.samples = read_samples(run_dir)

@@ -1,13 +1,14 @@
 """The Markdown report of one run: verdict first, then the tables, the figures and the memory model.
 
-It lays out what cebench/report_data.py computed; figures are PNG files written beside the report
+It lays out what cebench/report/data.py computed; figures are PNG files written beside the report
 (reports/<run-id>/figures/) and linked, so the file reads well on GitHub and in any viewer.
 """
 
 from __future__ import annotations
 
-from cebench import probe, report_trust
-from cebench.report_data import (
+from cebench import probe
+from cebench.report import trust as report_trust
+from cebench.report.data import (
     FWD_GRAD,
     MODE_LABEL,
     NOISY,
@@ -20,7 +21,7 @@ from cebench.report_data import (
     provenance,
     upstream_note,
 )
-from cebench.report_verdicts import exclusions, recommendations, unchecked, verdicts
+from cebench.report.verdicts import exclusions, recommendations, unchecked, verdicts
 
 
 def _escape(text: str) -> str:

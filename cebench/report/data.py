@@ -2,8 +2,8 @@
 
 The Markdown and HTML writers only lay out what this module and its neighbours return: the
 tables here (time, peak memory and its ratio to the floor, speedup against the PyTorch builtin),
-the accuracy table (cebench/report_accuracy.py), the verdicts (cebench/report_verdicts.py) and
-who may be recommended (cebench/report_trust.py). Every cell keeps the results.csv line it came
+the accuracy table (cebench/report/accuracy.py), the verdicts (cebench/report/verdicts.py) and
+who may be recommended (cebench/report/trust.py). Every cell keeps the results.csv line it came
 from, so a reader can trace each figure back to a row. Only rows that are `ok` and `trusted` (the
 implementation agreed with the float64 reference, and the timing is not from the Triton
 interpreter) can win or be ranked. Runs written before a column existed (eval mode,
@@ -18,7 +18,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from cebench import memory_model, report_trust
+from cebench import memory_model
+from cebench.report import trust as report_trust
 from cebench.results import read_env, read_results
 
 TRAIN_MODES = ("forward", "backward", "forward+backward")
@@ -292,10 +293,10 @@ def family_tables(frame: pd.DataFrame, family: str, trust: report_trust.Trust | 
                   roof: dict | None = None) -> list[Table]:
     """The tables of one family; with the probe's ceilings (GPU runs) also the speed-of-light table, and for
     the linear family at the Gemma 2 2B head the CCE paper's Table 1 beside this run's figures."""
-    from cebench.report_accuracy import accuracy_table  # these build on this module's cells
-    from cebench.report_roofline import roofline_table
-    from cebench.report_stability import stability_table
-    from cebench.report_table1 import table1
+    from cebench.report.accuracy import accuracy_table  # these build on this module's cells
+    from cebench.report.roofline import roofline_table
+    from cebench.report.stability import stability_table
+    from cebench.report.table1 import table1
 
     tables = [time_table(frame, family, trust), memory_table(frame, family), speedup_table(frame, family),
               roofline_table(frame, family, roof), accuracy_table(frame, family), stability_table(frame, family),

@@ -18,7 +18,7 @@ from __future__ import annotations
 import pandas as pd
 
 from cebench import memory_model
-from cebench.report_data import MODE_LABEL, Cell, Table, case_rows, label_of, modes_of, trusted
+from cebench.report.data import MODE_LABEL, Cell, Table, case_rows, label_of, modes_of, trusted
 
 READ_MODES = ("forward", "eval")  # their floor reads the inputs and writes O(N)
 

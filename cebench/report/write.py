@@ -1,8 +1,8 @@
 """Reports of a run: reports/<run-id>/report.md, report.html and figures, and reports/index.html.
 
 Everything shown is read back from the run's results.csv and env.json, so every figure traces to
-a row. The content is computed in cebench/report_data.py (tables), report_accuracy.py,
-report_verdicts.py and report_trust.py (who may be recommended), the figures in cebench/plots.py;
+a row. The content is computed in cebench/report/data.py (tables), accuracy.py, verdicts.py and
+trust.py (who may be recommended), the figures in plots.py, all in this sub-package;
 this module only decides where the files go and writes them.
 """
 
@@ -10,11 +10,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from cebench import plots, plots_tp, probe, report_data, report_trust
-from cebench.report_html import html, write_index, write_summary
-from cebench.report_md import markdown
+from cebench import probe
+from cebench.report import data as report_data
+from cebench.report import plots, plots_tp
+from cebench.report import trust as report_trust
+from cebench.report.html import html, write_index, write_summary
+from cebench.report.md import markdown
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parent.parent.parent
 REPORTS_DIR = REPO / "reports"
 RESULTS_DIR = REPO / "results"
 FIGURES = "figures"

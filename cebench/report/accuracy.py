@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import pandas as pd
 
 from cebench.agreement import BIAS_LIMIT, GRAD_LIMIT, LOSS_LIMIT, ROW_LIMIT, TARGET_LIMIT
-from cebench.report_data import Cell, Notes, Table, case_rows, label_of, lookup
+from cebench.report.data import Cell, Notes, Table, case_rows, label_of, lookup
 
 LOOSE_ABOVE = 1.1  # a figure above this (10 % more error than one rounding), within the limits: loose
 

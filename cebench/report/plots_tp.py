@@ -4,7 +4,7 @@ For each vocab-parallel family, its rows (time of the slowest rank; peak memory 
 that peaked highest) are drawn against world size, one line per implementation and V, and the
 single-process implementations of the matching family on the same shapes (N, V, H, dtype)
 appear as points at world size 1, so the figure answers "what does sharding buy over one
-process". Built on the report's plotting helpers (cebench.plots) and trusted rows only: on a
+process". Built on the report's plotting helpers (cebench.report.plots) and trusted rows only: on a
 CPU the Triton implementations run in the interpreter and are left out.
 
 A third figure puts each gradient's error against float64 (the worst rank's) beside the bytes
@@ -13,7 +13,7 @@ buys accuracy that no longer degrades with the rank count, and this figure shows
 Errors and bytes are exact even in the interpreter, so every ok row is drawn; the caption
 repeats the numbers.
 
-cebench/report.py adds them to each vocab-parallel family's figures.
+cebench/report/write.py adds them to each vocab-parallel family's figures.
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ import math
 import matplotlib.pyplot as plt
 import pandas as pd
 
-from cebench.plots import STYLES, Figure, _colors, _data, _line_plot, _png
-from cebench.report_data import modes_of, trusted
+from cebench.report.data import modes_of, trusted
+from cebench.report.plots import STYLES, Figure, _colors, _data, _line_plot, _png
 
 PAIRS = (("vocab_parallel", "logits"), ("vocab_parallel_linear", "linear"))
 SHAPE = ["N", "V", "H", "dtype"]

@@ -2,7 +2,7 @@
 
 One file per run, self-contained: the CSS is inline and every figure is a base64 data: URI, so
 the page can be mailed, attached to CI, or opened from disk without any network fetch.
-The templates live in cebench/templates/ and are read relative to this file (editable installs
+The templates live in cebench/report/templates/ and are read relative to this file (editable installs
 and source checkouts need no package-data set-up).
 """
 
@@ -14,9 +14,10 @@ from pathlib import Path
 
 import jinja2
 
-from cebench import probe, report_trust
-from cebench.report_data import MODE_LABEL, Run, family_tables, fwd_grad_impls, label_of, problems, provenance, upstream_note
-from cebench.report_verdicts import exclusions, recommendations, unchecked, verdicts
+from cebench import probe
+from cebench.report import trust as report_trust
+from cebench.report.data import MODE_LABEL, Run, family_tables, fwd_grad_impls, label_of, problems, provenance, upstream_note
+from cebench.report.verdicts import exclusions, recommendations, unchecked, verdicts
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
 SUMMARY = "summary.json"  # per report directory: what the index lists

@@ -1,7 +1,7 @@
 """The report's verdicts: which implementation to use, per case and per shape range, and how sure that is.
 
-Candidates are trusted rows (cebench.report_data.trusted) of implementations that nothing speaks
-against for the case's family and dtype (cebench.report_trust: the run's own checks and a stored
+Candidates are trusted rows (cebench.report.data.trusted) of implementations that nothing speaks
+against for the case's family and dtype (cebench.report.trust: the run's own checks and a stored
 conformance table). Per case and mode the fastest and the leanest are named; the fastest carries
 its noise: whether its own p20-p80 spread is wide, and whether the runner-up can be told apart
 from it (raw samples, Mann-Whitney U). Per family, dtype (and input distribution, where a run has
@@ -16,8 +16,9 @@ import math
 
 import pandas as pd
 
-from cebench import report_accuracy, report_trust
-from cebench.report_data import N_RANGES, V_RANGES, _range, _text, label_of, modes_of, trusted
+from cebench.report import accuracy as report_accuracy
+from cebench.report import trust as report_trust
+from cebench.report.data import N_RANGES, V_RANGES, _range, _text, label_of, modes_of, trusted
 
 
 def _trust(frame: pd.DataFrame, trust: report_trust.Trust | None) -> report_trust.Trust:

@@ -14,7 +14,7 @@ import re
 
 import pandas as pd
 
-from cebench.report_data import MODE_LABEL, Cell, Table, trusted
+from cebench.report.data import MODE_LABEL, Cell, Table, trusted
 
 TAKE = re.compile(r" take=(\d+)$")
 LIMIT = 0.03  # issue 11.6: the same cell twice within 3 % at the median

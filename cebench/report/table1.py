@@ -23,8 +23,8 @@ from __future__ import annotations
 import pandas as pd
 
 from cebench import memory_model
-from cebench.report_data import Cell, Table, trusted
-from cebench.report_stability import first_take
+from cebench.report.data import Cell, Table, trusted
+from cebench.report.stability import first_take
 
 SHAPE = {"family": "linear", "N": 8192, "V": 256000, "H": 2304, "dtype": "bfloat16"}
 PAPER_GPU = "A100-SXM4-80GB"
