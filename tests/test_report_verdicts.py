@@ -369,3 +369,9 @@ def test_committed_runs_render(run_dir):
 
     run = report_data.load(run_dir)
     assert "## Verdict" in markdown(run, {}) and "<html" in html(run, {})
+
+
+def test_reports_look_for_the_conformance_table_where_conformance_writes_it():
+    # one directory, named twice (a report never imports the conformance runner): the same, and in the repository
+    assert report_trust.CONFORMANCE_DIR == conformance.REPORTS_DIR
+    assert report_trust.CONFORMANCE_DIR.is_dir() and any(report_trust.CONFORMANCE_DIR.glob("*/conformance.csv"))

@@ -32,7 +32,7 @@ VERSION_KEYS = ("torch", "triton", "liger_kernel", "cut_cross_entropy", "quack_k
 FAILING = ("differs", "error")  # cebench.conformance.FAILING, kept here so a report never needs a worker
 CHECKS = ("agreement", "eval_agreement")
 OPTIONS = ("label_smoothing", "z_loss", "softcap")
-CONFORMANCE_DIR = Path(__file__).resolve().parent.parent / "reports" / "conformance"
+CONFORMANCE_DIR = Path(__file__).resolve().parents[2] / "reports" / "conformance"
 
 
 # ---------------------------------------------------------------- what the run says
