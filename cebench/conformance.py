@@ -42,9 +42,9 @@ from pathlib import Path
 
 import torch
 
-from cebench import conformance_vp
 from cebench.cases import IGNORE_INDEX
 from cebench.conformance_scenarios import BAD_ROW, BY_NAME, FAMILIES, SCENARIOS, Built, Scenario, build, unmet
+from cebench.distributed import conformance as conformance_vp
 from cebench.isolate import Worker, WorkerDied, source_file
 from cebench.reference import compare, reference
 from cebench.registry import Impl

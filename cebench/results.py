@@ -26,7 +26,7 @@ COLUMNS = [
     "run_id", "suite", "case", "family", "impl", "mode", "metric", "unit", "value", "p20", "p80", "n",
     "status", "reason", "trusted", "N", "V", "H", "dtype", "reduction", "ignore_frac", "label_smoothing",
     "z_loss", "softcap", "device", "mutates_inputs",
-    # vocab-parallel runs (cebench.distributed): ranks in the group, bytes communicated per call (cebench.comm)
+    # vocab-parallel runs (cebench.distributed): ranks in the group, bytes communicated per call (cebench.distributed.comm)
     "world_size", "comm_bytes",
     # what a mode's time holds: the forward computes the gradient too; the timed backward's upstream gradient
     "grad_in_forward", "upstream_grad",

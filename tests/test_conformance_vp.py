@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from cebench import conformance, conformance_vp, registry
+from cebench import conformance, registry
+from cebench.distributed import conformance as conformance_vp
 
 PLUGINS = [str(Path(__file__).resolve().parent / "plugins" / f"{n}.py") for n in ("vp_mask_multiply", "vp_reduce_hidden")]
 NAMES = ("vp_allreduce", "vp_fused", "vp_linear_allreduce", "vp_mask_multiply", "vp_reduce_hidden")

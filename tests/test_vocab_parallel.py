@@ -18,7 +18,7 @@ import torch
 
 from cebench import distributed
 from cebench.cases import Case, make_grad_output, make_inputs
-from cebench.comm import count_collectives
+from cebench.distributed.comm import count_collectives
 from cebench.reference import compare, reference
 from cebench.results import read_results
 from cebench.runner import call, fresh_inputs
@@ -46,7 +46,7 @@ def test_single_process_agrees_with_reference(impls, family, name, reduction):
 
 def test_masked_column_on_a_rank_without_the_target_is_not_nan(impls):
     """A shard that does not hold the target reads its column 0; -inf there must not turn into -inf * 0 = NaN.
-    (One process stands for the rank without the target; at 2 and 4 ranks: cebench.conformance_vp. A target that
+    (One process stands for the rank without the target; at 2 and 4 ranks: cebench.distributed.conformance. A target that
     no shard holds, here one >= 6, is invalid: NaN, tested below.)"""
     shard = torch.tensor([[float("-inf"), 1.0, 2.0], [0.5, float("-inf"), 0.0]])
     targets = torch.tensor([0, 1])  # held by a lower rank (ids 0..2): this one holds ids 3..5
@@ -315,7 +315,7 @@ def test_failing_rank_ends_its_group_and_the_run_goes_on(two_ranks):
 
 
 def test_loss_spread_is_nan_aware():
-    from cebench.vp_check import loss_spread
+    from cebench.distributed.check import loss_spread
 
     nan, inf = float("nan"), float("inf")
     assert loss_spread([[nan], [nan], [nan]]) == 0.0  # every rank NaN, as PyTorch for a mean over no targets
@@ -363,7 +363,7 @@ def test_world_sizes_beyond_the_gpus_are_skipped_before_any_launch(monkeypatch, 
 
 def test_rank_clock_on_cuda_flushes_then_aligns_then_times_with_events(monkeypatch):
     """The CUDA path, on the CPU: L2 flush, then the rank barrier, then events around the call only."""
-    from cebench import rank_runner
+    from cebench.distributed import rank as rank_runner
 
     calls = []
 
@@ -394,8 +394,8 @@ def test_rank_clock_on_cuda_flushes_then_aligns_then_times_with_events(monkeypat
 
 def test_rank_call_counts_reach_min_repeats():
     """A 500 ms call still gets min_repeats timed calls on CUDA (do_bench alone would give one)."""
+    from cebench.distributed.rank import call_counts
     from cebench.measure import TimingPlan
-    from cebench.rank_runner import call_counts
 
     plan = TimingPlan(min_repeats=5, max_repeats=50, cuda_warmup_ms=25, cuda_rep_ms=100, warmup=2, min_time_s=0.2)
     assert call_counts(plan, 500.0, cuda=True) == (1, 5)

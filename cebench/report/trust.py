@@ -137,7 +137,7 @@ def scenario_applies(name: str, use: Usage) -> bool:
     version does not know applies (the safe side).
     """
     from cebench.conformance_scenarios import BY_NAME  # imports torch and the registry: only when a table is read
-    from cebench.conformance_vp import VP_SCENARIOS
+    from cebench.distributed.conformance import VP_SCENARIOS
 
     base = name.split(" · ")[0]  # vocab-parallel cells: "<scenario> · 2 ranks, V=512 (even)"
     s = BY_NAME.get(base) or VP_SCENARIOS.get(base)

@@ -2,7 +2,7 @@
 
 `python -m cebench run --nproc K` runs every vocab-parallel case whose world size is 2..K
 through torch.distributed's own launcher (`python -m torch.distributed.run --standalone`,
-one launch per world size, gloo on CPU and NCCL on GPU). The ranks run cebench.rank_runner;
+one launch per world size, gloo on CPU and NCCL on GPU). The ranks run cebench.distributed.rank;
 rank 0 appends the rows to the run's results.csv. Everything else (the single-process
 implementations, and the vocab-parallel ones at world size 1, which then see the full
 logits and no process group) runs in this process through the ordinary runner, so one
@@ -21,6 +21,10 @@ whole group as soon as one rank exits with an error, and the launch itself has a
 limit. A rank that fails writes its error and the cell it was on to the run's `ranks/`
 folder; this process records failed rows for that cell and launches again for the cells
 left. Rank 0 marks each finished cell in `ranks/progress-w<K>.jsonl`.
+
+The sub-package: this module plans and launches; rank.py is one rank of a run, check.py what a rank
+checks against its slice of the float64 reference, comm.py counts the bytes a call communicates;
+conformance.py plans the vocab-parallel conformance matrix and conformance_rank.py is one of its ranks.
 """
 
 from __future__ import annotations
@@ -205,8 +209,8 @@ def _launch_until_done(world, cells, kind, writer, base, timing, run_dir, plugin
         todo = [i for i in todo if i > failed]
 
 
-def launch(world: int, spec_path: Path, limit_s: float, module: str = "cebench.rank_runner") -> tuple[int, str]:
-    """Run `module` (cebench.rank_runner, or the conformance ranks) on `world` ranks with torchrun;
+def launch(world: int, spec_path: Path, limit_s: float, module: str = "cebench.distributed.rank") -> tuple[int, str]:
+    """Run `module` (cebench.distributed.rank, or the conformance ranks) on `world` ranks with torchrun;
     (exit code, what ended it)."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1", f"--nproc-per-node={world}",
            "--max-restarts=0", "--monitor-interval=0.2", "-m", module, str(spec_path)]

@@ -14,8 +14,8 @@ uneven where the scenario fixes a V that does not divide. Three scenarios exist 
   one shard all -inf        in every other row, one rank (not the target's) holds only -inf
 
 One launch per world size (torch.distributed.run, gloo on the CPU, NCCL on GPUs when there
-are enough) runs every cell (cebench.conformance_vp_rank); each rank checks what it holds
-against its slice of the float64 reference (cebench.vp_check). A V smaller than the world
+are enough) runs every cell (cebench.distributed.conformance_rank); each rank checks what it holds
+against its slice of the float64 reference (cebench.distributed.check). A V smaller than the world
 size is n/a (the harness refuses it before a launch); a world size the machine cannot host
 is recorded with its reason. Rows have the columns of cebench.conformance; the scenario
 name carries the world size and V, e.g. "odd V · 4 ranks, V=997 (uneven)".
@@ -131,7 +131,7 @@ def _base(impl: Impl, cell_label: str) -> dict:
 def row_from_ranks(impl: Impl, cell: dict, every: list[dict], in_step: bool) -> dict:
     """The cell's row from every rank's result (rank 0 calls this)."""
     from cebench.conformance import SINGLE_USE  # here: cebench.conformance imports this module
-    from cebench.vp_check import summarize
+    from cebench.distributed.check import summarize
 
     base = _base(impl, cell["label"])
     problems = [f"rank {i}: {r.get('harness') or r.get('raised')}" for i, r in enumerate(every)
@@ -240,7 +240,7 @@ def _launch(world, cells, kind, impls, plugins, timeout, log) -> list[dict]:
         path = folder / f"spec-{attempt}.json"
         path.write_text(json.dumps(spec))
         rc, note = distributed.launch(world, path, limit_s=distributed.LAUNCH_OVERHEAD_S + len(todo) * timeout,
-                                      module="cebench.conformance_vp_rank")
+                                      module="cebench.distributed.conformance_rank")
         before = len(done)
         for line in out.read_text().splitlines() if out.is_file() else []:
             entry = json.loads(line)

@@ -1,11 +1,11 @@
-"""One rank of the vocab-parallel conformance matrix: `torch.distributed.run ... -m cebench.conformance_vp_rank SPEC`.
+"""One rank of the vocab-parallel conformance matrix: `torch.distributed.run -m cebench.distributed.conformance_rank SPEC`.
 
-Every cell of one world size runs in this one launch (cebench.conformance_vp plans them).
+Every cell of one world size runs in this one launch (cebench.distributed.conformance plans them).
 Per cell, every rank builds the scenario's full inputs (deterministic, from
-cebench.conformance_scenarios, with the vocab-parallel tweaks of cebench.conformance_vp
+cebench.conformance_scenarios, with the vocab-parallel tweaks of cebench.distributed.conformance
 applied), keeps its shard, calls the implementation the way the scenario says (train, a
 second backward, evaluation, an out-of-range target) and checks what it holds against its
-slice of the float64 reference (cebench.vp_check). The ranks then swap their small results
+slice of the float64 reference (cebench.distributed.check). The ranks then swap their small results
 through the process group's key-value store, not a collective: a rank whose call raised
 before a collective its peers entered cannot reach a collective, but it can write a key.
 Rank 0 turns the results into the cell's row (one JSON line per cell).
@@ -29,9 +29,10 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from cebench import conformance_vp as plan
-from cebench import registry, vp_check
+from cebench import registry
 from cebench.conformance_scenarios import BY_NAME
+from cebench.distributed import check as vp_check
+from cebench.distributed import conformance as plan
 from cebench.distributed import shard_bounds
 from cebench.reference import reference
 from cebench.runner import _describe, mutated_inputs

@@ -11,7 +11,7 @@ shared check (`compare(..., shards=...)`, cebench.agreement), and only the small
 travel (as Python objects). Memory stays bounded: no rank gathers another rank's tensors, and the
 reference streams its gradient in row chunks of which each rank keeps only its columns (the linear
 family's reference never forms N x V at all: its gradients are N x H and V x H). Used by the rank
-runner (`run --nproc`) and by the vocab-parallel conformance matrix (cebench.conformance_vp).
+runner (`run --nproc`) and by the vocab-parallel conformance matrix (cebench.distributed.conformance).
 """
 
 from __future__ import annotations

@@ -1,13 +1,13 @@
-"""One rank of a vocab-parallel launch: `python -m torch.distributed.run ... -m cebench.rank_runner SPEC`.
+"""One rank of a vocab-parallel launch: `python -m torch.distributed.run ... -m cebench.distributed.rank SPEC`.
 
 Every rank builds the full inputs of a case from its seed (deterministic) and keeps its
 vocabulary shard. A cell:
   1. agreement: one call and backward; every rank checks its own loss, its copy of the hidden
      gradient and its shard's gradient against its slice of the float64 reference (streamed in
      row chunks: no rank gathers N x V), and only those small results go to rank 0
-     (cebench.vp_check); every rank must return the same loss, NaN equal to NaN;
+     (cebench.distributed.check); every rank must return the same loss, NaN equal to NaN;
   2. per mode: peak memory (one call, each rank's own), bytes communicated (one call, the
-     collectives' sizes counted, see cebench.comm), then time. Every rank makes the same
+     collectives' sizes counted, see cebench.distributed.comm), then time. Every rank makes the same
      number of calls (a count agreed from the slowest rank's first call, since a rank that
      stops early would leave the others waiting in a collective), each call starts after a
      barrier, and the row reports the slowest rank's median with every rank's in `reason`.
@@ -33,10 +33,11 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from cebench import registry, vp_check
+from cebench import registry
 from cebench.cases import Case, differentiable_names, make_grad_output, make_inputs
-from cebench.comm import count_collectives
+from cebench.distributed import check as vp_check
 from cebench.distributed import shard_bounds, status_row
+from cebench.distributed.comm import count_collectives
 from cebench.measure import Timing, TimingPlan, event_time, l2_flush_buffer, peak_memory
 from cebench.reference import reference
 from cebench.results import RunWriter
