@@ -8,8 +8,9 @@ COMPUTE_GRAD) a second pass over the same row that writes dLoss/dlogits. Program
 persistent: program p takes tiles p, p + P, p + 2P, ... so the host decides how many rows
 are in flight at once (triton_fused.py sizes P so those rows stay in L2 between the passes).
 On a long row the first pass keeps a running max and sum per lane (LANE_STATS) and merges them
-once at the row's end, so its loop has no barrier; both loops are software-pipelined (STAGES):
-the loads of the next tiles are in flight while one is folded. Neither changes what is computed
+once at the row's end, so its loop needs no block-wide reduction (no shuffle, no barrier of its
+own); both loops are software-pipelined (STAGES): the loads of the next tiles are in flight
+(cp.async into shared memory) while one is folded. Neither changes what is computed
 (the interpreter ignores the pipelining), only how much of the memory latency is hidden.
 
 `scale_kernel`: multiplies each row of a buffer by its upstream-gradient factor (one scalar for
