@@ -219,7 +219,7 @@ def ce_kernel(
             ok_b0 = (cols_b0[None, :] < n_body[:, None]) & live
             z_b0 = _load_z(x_body[:, None] + cols_b0[None, :], ok_b0, cap, HAS_SOFTCAP, BF16_BITS)
             m, s, z_sum = _tile_stats(z_b0, ok_b0, m, s, z_sum, HAS_SMOOTHING)
-        elif LANE_STATS:  # per-lane statistics, merged once per row (no barrier inside the loop)
+        elif LANE_STATS:  # per-lane statistics, merged once per row (no block-wide reduction in the loop)
             m_l = tl.full((BLOCK_N, BLOCK_V), float("-inf"), tl.float32)
             s_l = tl.zeros((BLOCK_N, BLOCK_V), tl.float32)
             zs_l = tl.zeros((BLOCK_N, BLOCK_V), tl.float32)
@@ -229,7 +229,7 @@ def ce_kernel(
                 z_b = _load_z(x_body[:, None] + cols_b[None, :], ok_b, cap, HAS_SOFTCAP, BF16_BITS)
                 m_l, s_l, zs_l = _lane_stats(z_b, ok_b, m_l, s_l, zs_l, HAS_SMOOTHING)
             m, s, z_sum = _merge_lanes(m_l, s_l, zs_l, m, s, z_sum, HAS_SMOOTHING)
-        else:  # a block-wide max and sum per tile (two barriers per tile)
+        else:  # a block-wide max and a block-wide sum per tile, each through shared memory and barriers
             for start in tl.range(0, body_len, BLOCK_V, num_stages=STAGES):
                 cols_b = start + tl.arange(0, BLOCK_V)
                 ok_b = (cols_b[None, :] < n_body[:, None]) & live

@@ -94,7 +94,7 @@ class LaunchConfig:
     l2_fraction: float  # share of L2 the rows in flight between the two passes may fill (0: no limit)
     single_block_max: int  # rows up to this many columns are read once, kept in registers
     # longer rows: each lane keeps its own running max and sum, merged once per row, rather than a
-    # block-wide max and sum per tile (two barriers each, while the next tile's loads wait)
+    # block-wide max and sum per tile (six barriers a tile in the sm_90 SASS, while the next loads wait)
     lane_stats: bool = True
     # software pipelining of the loops over a long row's tiles (Triton's num_stages): with k > 1 the
     # loads of the next k - 1 tiles are in flight (cp.async into shared memory) while one is folded
@@ -122,8 +122,8 @@ CANDIDATE_CONFIGS = (
     LaunchConfig("unbounded", 4096, 8, 2, 0.0, 8192),
     # control: no software pipelining (a tile's loads wait for the previous tile's fold)
     LaunchConfig("no-pipeline", 4096, 8, 2, 0.5, 8192, stages=1),
-    # control: the design before lane statistics and pipelining: a block-wide max and sum per tile (two
-    # barriers each) and no prefetch; against "no-pipeline" it measures what the lane statistics buy
+    # control: the design before lane statistics and pipelining: a block-wide max and sum per tile (through
+    # shared memory and barriers) and no prefetch; against "no-pipeline" it measures what the lane statistics buy
     LaunchConfig("block-stats", 4096, 8, 2, 0.5, 8192, lane_stats=False, stages=1),
 )
 
