@@ -10,7 +10,10 @@ of a GPU (SM count and L2 of an H100/H200), and every kernel launch is recorded 
 Each distinct launch is then compiled by Triton's own JIT path (`warmup`) for target sm_90, with a
 stand-in driver that only names the target, so the specialisations (dtypes, 16-byte alignment,
 integer divisibility, constexprs) are the ones the GPU run will ask for. ptxas's resource usage
-comes from the cubin (cuobjdump): registers, local memory (spills) and shared memory per launch.
+comes from the cubin (cuobjdump): registers, local memory (spills) and shared memory per launch, and
+from its SASS the count of barriers, shuffles, asynchronous copies (a software-pipelined loop) and
+16-byte loads, in the whole kernel and inside its innermost loops (once per tile); --dump keeps each
+launch's SASS and Triton GPU IR for reading.
 
     python scripts/compile_sm90.py                      # gpu-headline and smoke, a table
     python scripts/compile_sm90.py --suite llama3 --json out.json
@@ -162,7 +165,31 @@ def resources(cubin: bytes, cuobjdump: str) -> dict:
             "stack_bytes": int(fields.get("STACK", 0)), "shared_bytes": int(fields.get("SHARED", 0))}
 
 
-def compile_launch(kernel, args, kwargs, cuobjdump: str) -> dict:
+SASS_COUNTED = ("BAR.SYNC", "SHFL", "LDGSTS", "LDG.E.128")  # barriers, shuffles, async copies, 16-byte loads
+
+
+def sass_counts(cubin: bytes, cuobjdump: str) -> tuple[dict, dict, str]:
+    """Static counts of each SASS_COUNTED instruction: in the whole kernel, and inside its innermost loops (the
+    loops over a row's tiles: a backward branch whose range holds no other one), which run once per tile; and
+    the SASS itself."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        sass = subprocess.run([cuobjdump, "-sass", f.name], capture_output=True, text=True, check=True).stdout
+    ops = [(int(addr, 16), op, rest) for addr, op, rest in
+           re.findall(r"^\s+/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)([^;]*);", sass, flags=re.M)]
+    loops = []  # (first, last) address of each loop closed by a backward branch (not a branch to itself)
+    for addr, op, rest in ops:
+        target = re.match(r"\s*(0x[0-9a-f]+)", rest)
+        if op == "BRA" and target and int(target.group(1), 16) < addr:
+            loops.append((int(target.group(1), 16), addr))
+    inner = [(a, b) for a, b in loops if not any(a <= c and d <= b and (c, d) != (a, b) for c, d in loops)]
+    in_inner = [op for addr, op, _ in ops if any(a <= addr <= b for a, b in inner)]
+    count = lambda found: {name: sum(op.startswith(name) for op in found) for name in SASS_COUNTED}  # noqa: E731
+    return count([op for _, op, _ in ops]), count(in_inner), sass
+
+
+def compile_launch(kernel, args, kwargs, cuobjdump: str, dump: Path | None = None) -> dict:
     """Compile one recorded launch for sm_90; its resources, compile time and the error if it failed."""
     cpu_args = [torch.empty(16, dtype=a.dtype) if isinstance(a, torch.Tensor) else a for a in args]
     start = time.perf_counter()
@@ -172,8 +199,13 @@ def compile_launch(kernel, args, kwargs, cuobjdump: str) -> dict:
         return {"ok": False, "error": f"{type(exc).__name__}: {exc}"[:2000]}
     found = resources(compiled.asm["cubin"], cuobjdump)
     shared = max(found["shared_bytes"], int(getattr(compiled.metadata, "shared", 0)))
+    counts, in_loops, sass = sass_counts(compiled.asm["cubin"], cuobjdump)
+    if dump is not None:  # for reading: the SASS and Triton's GPU IR of each launch, by its hash
+        dump.mkdir(parents=True, exist_ok=True)
+        (dump / f"{kernel.fn.__name__}-{compiled.hash[:12]}.sass").write_text(sass)
+        (dump / f"{kernel.fn.__name__}-{compiled.hash[:12]}.ttgir").write_text(compiled.asm.get("ttgir", ""))
     return {"ok": True, "seconds": round(time.perf_counter() - start, 2), **found, "shared_bytes": shared,
-            "num_warps": compiled.metadata.num_warps}
+            "num_warps": compiled.metadata.num_warps, "sass": counts, "sass_inner_loops": in_loops}
 
 
 def describe(kernel, args, kwargs) -> str:
@@ -188,6 +220,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--suite", action="append", help="suite name (repeatable); default gpu-headline and smoke")
     parser.add_argument("--json", type=Path, help="write every launch and its resources here")
+    parser.add_argument("--dump", type=Path, help="write each launch's SASS and Triton GPU IR into this folder")
     parser.add_argument("--all-configs", action="store_true",
                         help="each of triton_fused's CANDIDATE_CONFIGS (what the GPU tuner tries), not just the default")
     args = parser.parse_args(argv)
@@ -207,7 +240,7 @@ def main(argv=None) -> int:
         launches += record_launches(suite_names)
     rows, bad = [], 0
     for name, kernel, grid, kargs, kwargs in distinct(launches):
-        found = compile_launch(kernel, kargs, kwargs, cuobjdump)
+        found = compile_launch(kernel, kargs, kwargs, cuobjdump, args.dump)
         failed = not found["ok"] or found["local_bytes"] > 0 or found["shared_bytes"] > SHARED_LIMIT
         bad += failed
         launch = describe(kernel, kargs, kwargs)
@@ -215,7 +248,8 @@ def main(argv=None) -> int:
         print(f"{'FAIL' if failed else 'ok  '} {name:12} {launch} grid={grid[0]} "
               + (found.get("error", "") if not found["ok"] else
                  f"regs={found['registers']} local={found['local_bytes']} shared={found['shared_bytes']} "
-                 f"({found['seconds']} s)"), flush=True)
+                 + "per tile " + " ".join(f"{k}={v}" for k, v in found["sass_inner_loops"].items())
+                 + f" ({found['seconds']} s)"), flush=True)
     print(f"{len(rows)} distinct launches compiled for sm_90 with triton {triton.__version__}; {bad} failed or spilled")
     if args.json:
         args.json.write_text(json.dumps({"triton": triton.__version__, "torch": torch.__version__, "target": "sm_90",

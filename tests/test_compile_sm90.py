@@ -19,8 +19,8 @@ ROOT = Path(__file__).resolve().parent.parent
 KERNELS = {"ce_kernel", "scale_kernel", "chunk_stats_kernel", "chunk_grad_kernel"}
 
 
-def _compile(tmp_path, *extra):
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+def _compile(tmp_path, *extra, **env_extra):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | env_extra
     env["TRITON_CACHE_DIR"] = str(tmp_path / "triton-cache")  # compile for real, not from an earlier run's cache
     out = tmp_path / "sm90.json"
     proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "compile_sm90.py"), "--json", str(out), *extra],
@@ -35,9 +35,27 @@ def test_every_headline_and_smoke_launch_compiles_for_sm90_without_spills(tmp_pa
     assert {launch["kernel"] for launch in launches} == KERNELS
     assert all(launch["ok"] and launch["local_bytes"] == 0 for launch in launches)
     assert all(launch["registers"] > 0 for launch in launches)  # the cubin's resources were really read
-    # the Llama 3 head's training launch of triton_fused, as the GPU will make it (bf16, 8 per 16 bytes)
-    assert any(launch["kernel"] == "ce_kernel" and launch["launch"].startswith("bfloat16 8192x128256")
-               and "COMPUTE_GRAD=1" in launch["launch"] and "VEC=8" in launch["launch"] for launch in launches)
+    # the Llama 3 head's training launch of triton_fused, as the GPU will make it (bf16, 8 per 16 bytes), with its
+    # loops software-pipelined: asynchronous copies (LDGSTS) in the SASS
+    llama = [launch for launch in launches if launch["kernel"] == "ce_kernel" and "COMPUTE_GRAD=1" in launch["launch"]
+             and launch["launch"].startswith("bfloat16 8192x128256") and "VEC=8" in launch["launch"]]
+    assert llama and all(launch["sass_inner_loops"]["LDGSTS"] > 0 for launch in llama), llama
+
+
+def test_the_counts_tell_a_pipelined_loop_from_a_plain_one(tmp_path):
+    # the tuner's control configs, compiled, counted inside the loops over a row's tiles: no-pipeline loads 16 bytes
+    # at a time straight into registers, with no barrier or shuffle per tile (per-lane statistics); block-stats
+    # reduces across the block in every tile (shuffles and barriers)
+    per_tile = {}
+    for config in ("no-pipeline", "block-stats"):
+        proc, found = _compile(tmp_path / config, "--suite", "gpu-headline", CEBENCH_TRITON_FUSED_CONFIG=config)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        per_tile[config] = next(launch["sass_inner_loops"] for launch in found["launches"]
+                                if launch["kernel"] == "ce_kernel" and "COMPUTE_GRAD=1" in launch["launch"]
+                                and launch["launch"].startswith("bfloat16 8192x128256"))
+    plain, block = per_tile["no-pipeline"], per_tile["block-stats"]
+    assert plain["LDGSTS"] == plain["BAR.SYNC"] == plain["SHFL"] == 0 and plain["LDG.E.128"] > 0, per_tile
+    assert block["LDGSTS"] == 0 and block["BAR.SYNC"] > 0 and block["SHFL"] > 0, per_tile
 
 
 def test_a_launch_that_spills_fails_the_check(tmp_path):
