@@ -300,3 +300,31 @@ def test_cce_table1_reads_the_first_take_not_a_stability_retake(tmp_path):
     write_env(tmp_path / run_id, {"device": "cuda"})
     rows = {(r[0].text, r[2].text): r for r in table1(report_data.load(tmp_path / run_id).frame).rows}
     assert rows[("lower bound", "loss + gradient")][4].text == "1,213"
+
+
+def test_the_tuners_table_travels_with_the_run_and_marks_the_choice_and_the_shortfalls(tmp_path):
+    # tune.json as scripts/tune_triton_fused.py writes it (gpu_session.sh copies it into the headline's run)
+    from cebench.report.tuning import choices, tuning_table
+
+    run_dir = write_run(tmp_path, "20260102-030405-tuned-cuda", standard_cells())
+    params = {"N": 8192, "dtype": "bfloat16", "block_v": 4096, "num_warps": 8, "stages": 3, "lane_stats": True}
+    rows = [{**params, "config": "balanced", "V": v, "mode": m, "ms": ms, "gbps": 1.0, "fraction": f}
+            for v, m, ms, f in ((32000, "forward+backward", 0.25, 0.93), (32000, "eval", 0.13, 0.88),
+                                (256000, "forward+backward", 2.1, 0.71), (256000, "eval", 1.0, 0.95))]
+    rows += [{**params, "config": "deep", "V": 32000, "mode": m, "ms": 0.3, "gbps": 1.0, "fraction": 0.8}
+             for m in ("forward+backward", "eval")]
+    rows.append({**params, "config": "deep", "V": 256000, "error": "ValueError: off by 3.1e-01 (loss)"})
+    (run_dir / "tune.json").write_text(json.dumps({"rows": rows, "best": "balanced", "device": "NVIDIA H200",
+                                                   "best_eval": "32000:deep,256000:balanced", "seconds": 41.0}))
+    tab = tuning_table(run_dir)
+    assert tab.columns == ["config", "launch", "V=32000 train", "V=32000 eval", "V=256000 train", "V=256000 eval"]
+    cells = {r[0].text: [c.text for c in r[1:]] for r in tab.rows}
+    assert cells["balanced"] == ["4096 columns × 8 warps, 3 stage(s), lane statistics", "0.93 (0.25 ms) ✓",
+                                 "0.88 (0.13 ms) ↓", "0.71 (2.1 ms) ↓ ✓", "0.95 (1 ms) ✓"]
+    assert cells["deep"][1:] == ["0.80 (0.3 ms) ↓", "0.80 (0.3 ms) ↓ ✓", "failed", "failed"]
+    assert tab.notes == ["deep at V=256000: ValueError: off by 3.1e-01 (loss)"] * 2 and "NVIDIA H200" in tab.caption
+    assert choices("balanced", [1, 2]) == {1: "balanced", 2: "balanced"} and choices(None, [1]) == {}
+    markdown = write_reports(run_dir)["markdown"].read_text()
+    assert "Launch configs of `triton_fused` on this GPU" in markdown
+    (run_dir / "tune.json").unlink()
+    assert tuning_table(run_dir) is None and tuning_table(None) is None

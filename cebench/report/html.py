@@ -37,7 +37,7 @@ def _figure(fig, labels: dict) -> dict:
 
 def html(run: Run, figures: dict[str, list]) -> str:
     trust, labels = run.trust, label_of(run.frame)
-    families = [{"name": f, "tables": family_tables(run.frame, f, trust, probe.roofline(run.env)),
+    families = [{"name": f, "tables": family_tables(run.frame, f, trust, probe.roofline(run.env), run.run_dir),
                  "figures": [_figure(x, labels) for x in figures.get(f, [])]} for f in run.families]
     recs = recommendations(run.frame, trust)
     return _environment().get_template("report.html.j2").render(

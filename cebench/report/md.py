@@ -194,7 +194,7 @@ def markdown(run: Run, figures: dict[str, list], figure_dir: str = "figures") ->
                   "in the interpreter, so their timings are not ranked.", ""]
     for family in run.families:
         lines += [f"## Family: {family}", ""]
-        for tab in family_tables(run.frame, family, run.trust, probe.roofline(run.env)):
+        for tab in family_tables(run.frame, family, run.trust, probe.roofline(run.env), run.run_dir):
             lines += table(tab)
         lines += figure_lines(figures.get(family, []), figure_dir)
     lines += memory_model_lines(run)
