@@ -10,11 +10,12 @@ measured here, in one go, before the headline run:
   the gradient it writes (a config that computes anything else is out), then timed with
   triton.testing.do_bench (L2 flushed before every call, median).
 The rows (config and its parameters, V, mode, ms, GB/s, fraction of the ceiling) go to --json. The best
-config per V is the one with the highest training fraction among those that passed the gate there; the
-choice is printed last as `best: NAME` (one config won everywhere) or `best: V:NAME,V:NAME,...`, the value
-a session script exports as CEBENCH_TRITON_FUSED_CONFIG for the run that follows (a row takes the entry of
-the smallest V at or above its own; env.json records it); `best eval:` the same by the loss-only fraction,
-for CEBENCH_TRITON_FUSED_EVAL_CONFIG. Past --deadline-s no further config is begun, so a short slot still
+config per V is the fastest in training among those that passed the gate there (a probe that failed
+leaves the fractions empty, not the choice); the choice is printed after every config as `best: NAME`
+(one config won everywhere) or `best: V:NAME,V:NAME,...`, the value a session script exports as
+CEBENCH_TRITON_FUSED_CONFIG for the run that follows (a row takes the entry of the smallest V at or above
+its own; env.json records it); `best eval:` the same for the loss-only launch, for
+CEBENCH_TRITON_FUSED_EVAL_CONFIG. Past --deadline-s no further config is begun, so a short slot still
 names the best of those it measured. CUDA only.
 
     python scripts/tune_triton_fused.py --json tune.json            # N=8192 bf16, V in 32000 50257 128256 256000
@@ -152,12 +153,13 @@ def measure_config(fused, config, pristine, targets, roof: dict) -> list[dict]:
 
 
 def best_configs(rows: list[dict], mode: str = "forward+backward") -> dict[int, str]:
-    """Per V, the config with the highest fraction in `mode` among those that passed the gate there."""
+    """Per V, the fastest config in `mode` (the highest fraction of the ceiling, the same ranking at one V, but
+    not needing the probe) among those that passed the gate there."""
     best: dict[int, tuple[float, str]] = {}
     for r in rows:
-        if r.get("mode") == mode and r.get("fraction"):
-            if r["V"] not in best or r["fraction"] > best[r["V"]][0]:
-                best[r["V"]] = (r["fraction"], r["config"])
+        if r.get("mode") == mode and r.get("ms"):
+            if r["V"] not in best or r["ms"] < best[r["V"]][0]:
+                best[r["V"]] = (r["ms"], r["config"])
     return {vocab: name for vocab, (_, name) in sorted(best.items())}
 
 
