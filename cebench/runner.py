@@ -361,8 +361,9 @@ def run_suite(suite, impls: list[Impl], device: str, writer, run_id: str, log=pr
     implementation by implementation in the order of `impls` (the --impl order: a run cut short
     by its budget loses the last ones named, not whichever the suite happens to list last); a
     crash or a cell past `timeout` seconds becomes failed/timeout rows and the run goes on.
-    Without it everything runs in this process, case by case (for debugging; the CLI isolates by default). `done` holds the
-    (impl, case id) cells already finished by an earlier, interrupted run: they are skipped.
+    Without it everything runs in this process, case by case (for debugging; the CLI isolates by
+    default). `done` holds the (impl, case id) cells already finished by an earlier, interrupted
+    run: they are skipped.
     """
     outcome = Outcome()
     cells = [(case, modes, impl) for case, modes, restrict in suite.cells() for impl in impls

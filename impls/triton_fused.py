@@ -158,6 +158,7 @@ def select_config(config: "str | LaunchConfig | None" = None, n_cols: int | None
     return _config_named(spec)
 
 
+@functools.cache  # read on every launch (fused_ce_rows), from the same few strings
 def parse_config_table(spec: str) -> dict[int, LaunchConfig]:
     """"32000:balanced,256000:deep" -> {32000: balanced, 256000: deep}; a ValueError names what is wrong."""
     table = {}

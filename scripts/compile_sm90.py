@@ -154,12 +154,17 @@ def distinct(launches: list) -> list:
     return out
 
 
-def resources(cubin: bytes, cuobjdump: str) -> dict:
-    """Registers, local (spill) and shared bytes of the cubin's kernel, as cuobjdump -res-usage prints them."""
+def disassemble(cubin: bytes, cuobjdump: str) -> str:
+    """cuobjdump's resource usage and SASS of a cubin, in one call (it reads files only)."""
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
-        text = subprocess.run([cuobjdump, "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
+        return subprocess.run([cuobjdump, "-res-usage", "-sass", f.name], capture_output=True, text=True,
+                              check=True).stdout
+
+
+def resources(text: str) -> dict:
+    """Registers, local (spill) and shared bytes of the kernel, from cuobjdump -res-usage's lines."""
     fields = dict(re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", text))
     return {"registers": int(fields.get("REG", -1)), "local_bytes": int(fields.get("LOCAL", 0)),
             "stack_bytes": int(fields.get("STACK", 0)), "shared_bytes": int(fields.get("SHARED", 0))}
@@ -168,14 +173,9 @@ def resources(cubin: bytes, cuobjdump: str) -> dict:
 SASS_COUNTED = ("BAR.SYNC", "SHFL", "LDGSTS", "LDG.E.128")  # barriers, shuffles, async copies, 16-byte loads
 
 
-def sass_counts(cubin: bytes, cuobjdump: str) -> tuple[dict, dict, str]:
+def sass_counts(sass: str) -> tuple[dict, dict]:
     """Static counts of each SASS_COUNTED instruction: in the whole kernel, and inside its innermost loops (the
-    loops over a row's tiles: a backward branch whose range holds no other one), which run once per tile; and
-    the SASS itself."""
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(cubin)
-        f.flush()
-        sass = subprocess.run([cuobjdump, "-sass", f.name], capture_output=True, text=True, check=True).stdout
+    loops over a row's tiles: a backward branch whose range holds no other one), which run once per tile."""
     ops = [(int(addr, 16), op, rest) for addr, op, rest in
            re.findall(r"^\s+/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)([^;]*);", sass, flags=re.M)]
     loops = []  # (first, last) address of each loop closed by a backward branch (not a branch to itself)
@@ -186,7 +186,7 @@ def sass_counts(cubin: bytes, cuobjdump: str) -> tuple[dict, dict, str]:
     inner = [(a, b) for a, b in loops if not any(a <= c and d <= b and (c, d) != (a, b) for c, d in loops)]
     in_inner = [op for addr, op, _ in ops if any(a <= addr <= b for a, b in inner)]
     count = lambda found: {name: sum(op.startswith(name) for op in found) for name in SASS_COUNTED}  # noqa: E731
-    return count([op for _, op, _ in ops]), count(in_inner), sass
+    return count([op for _, op, _ in ops]), count(in_inner)
 
 
 def compile_launch(kernel, args, kwargs, cuobjdump: str, dump: Path | None = None) -> dict:
@@ -197,9 +197,10 @@ def compile_launch(kernel, args, kwargs, cuobjdump: str, dump: Path | None = Non
         compiled = kernel.warmup(*cpu_args, grid=(1,), **kwargs)
     except Exception as exc:  # noqa: BLE001 - any compiler error is the finding
         return {"ok": False, "error": f"{type(exc).__name__}: {exc}"[:2000]}
-    found = resources(compiled.asm["cubin"], cuobjdump)
+    sass = disassemble(compiled.asm["cubin"], cuobjdump)
+    found = resources(sass)
     shared = max(found["shared_bytes"], int(getattr(compiled.metadata, "shared", 0)))
-    counts, in_loops, sass = sass_counts(compiled.asm["cubin"], cuobjdump)
+    counts, in_loops = sass_counts(sass)
     if dump is not None:  # for reading: the SASS and Triton's GPU IR of each launch, by its hash
         dump.mkdir(parents=True, exist_ok=True)
         (dump / f"{kernel.fn.__name__}-{compiled.hash[:12]}.sass").write_text(sass)
