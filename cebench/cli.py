@@ -82,12 +82,24 @@ def _recorded_args(args) -> tuple[Path, dict]:
     return run_dir, env
 
 
+def _relocate_recorded(args) -> None:
+    """A resumed run's suite and plugin files, found in this checkout where it was started in another one."""
+    bases = [Path.cwd(), Path(__file__).resolve().parent.parent]
+    for attr, paths in (("suite", [args.suite]), ("plugin", args.plugin)):
+        moved = [resume.relocate(p, bases) if p else p for p in paths]
+        for old, new in zip(paths, moved, strict=True):
+            if old != new:
+                stderr_log(f"cebench: --resume: {old} is not here; using {new}")
+        setattr(args, attr, moved[0] if attr == "suite" else moved)
+
+
 def cmd_run(args) -> int:
     env = None
     if args.resume:
         run_dir, env = _recorded_args(args)
         recorded = env["run_args"]
-        args.suite, args.impl, args.plugin = recorded["suite"], recorded["impl"], recorded["plugin"]
+        args.suite, args.impl, args.plugin = recorded["suite"], recorded["impl"], list(recorded["plugin"])
+        _relocate_recorded(args)
         args.device, args.timeout, args.no_isolate = recorded["device"], recorded["timeout"], not recorded["isolate"]
         args.nproc = recorded.get("nproc", 1)
         args.model, args.tokens = recorded.get("model"), recorded.get("tokens")

@@ -36,6 +36,26 @@ def run_args(run_dir: Path) -> dict:
     return env
 
 
+def relocate(recorded: str, bases) -> str:
+    """A file path a run recorded, as found here: as recorded if it exists, else the longest tail of it that
+    exists under one of `bases` (the checkout, the working directory).
+
+    A run started on another machine's copy of the checkout (the GPU machine's, under a path of its own)
+    records that machine's absolute paths; resumed from this checkout, its suite and plugin files are the
+    same files under another root. Module names and relative paths are returned as given. The suite's
+    hash, checked after this, refuses a file that is not the one the run started with.
+    """
+    path = Path(recorded)
+    if not path.is_absolute() or path.exists():
+        return recorded
+    for start in range(1, len(path.parts)):
+        tail = Path(*path.parts[start:])
+        for base in bases:
+            if (Path(base) / tail).is_file():
+                return str(Path(base) / tail)
+    return recorded
+
+
 def finished_cells(run_dir: Path, cells) -> set[tuple[str, str]]:
     """(impl, case id) of the finished cells among `cells` [(case, modes, impl)]; prunes the rest from the files."""
     run_dir = Path(run_dir)

@@ -7,7 +7,7 @@
 #   DEADLINE_S=540 bash scripts/gpu_session.sh first  # seconds after which the headline is stopped and packed
 # Device call, with the commit this tree is (the device's copy has no .git; env.json records it):
 #   run(command="CEBENCH_GIT_COMMIT=<git rev-parse HEAD> bash scripts/gpu_session.sh first", carry=[".whl"],
-#       timeout_s=580)
+#       timeout_s=600)
 # First call: install, smoke on CUDA, scripts/tune_triton_fused.py (every launch config of our logits kernel
 # against the measured bandwidths, ~1 min; the best is exported as CEBENCH_TRITON_FUSED_CONFIG for the
 # headline), then the headline until the deadline.
@@ -20,7 +20,8 @@ set -uo pipefail
 STAGE=${1:-first}
 OUT=${OUT:-/tmp/cebench-out}  # what comes back: results.tar.xz and session.log only (8 files at most)
 W=/tmp/cebench-work            # runs and logs are written here as they come, then packed into $OUT
-DEADLINE_S=${DEADLINE_S:-545}  # the headline gets what is left of this after install, smoke and tuning (timeout_s=580)
+DEADLINE_S=${DEADLINE_S:-560}  # the headline gets what is left of this after install, smoke and tuning (timeout_s=600:
+                               # 40 s left to stop it and pack)
 SITE=/tmp/site
 mkdir -p "$OUT" "$W/runs" "$W/logs"
 export PYTHONUNBUFFERED=1

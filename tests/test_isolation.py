@@ -7,6 +7,7 @@ correct implementation. Then --resume: a run killed with SIGKILL is finished wit
 redoing its finished cells.
 """
 
+import json
 import os
 import signal
 import subprocess
@@ -48,9 +49,9 @@ CRASHES = {  # implementation -> (status, text the agreement row's reason must c
 PLUGIN_FILES = ("crash_abort", "crash_segfault", "crash_exit", "hang", "raises", "oom", "import_fails")
 
 
-def cebench_cli(*args, timeout=600):
+def cebench_cli(*args, timeout=600, cwd=ROOT):
     env = {**os.environ, "TRITON_INTERPRET": "1"}
-    return subprocess.run([sys.executable, "-m", "cebench", *map(str, args)], cwd=ROOT, env=env,
+    return subprocess.run([sys.executable, "-m", "cebench", *map(str, args)], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=timeout)
 
 
@@ -150,8 +151,17 @@ def test_resume_after_sigkill_redoes_only_unfinished_cells(tmp_path):
     assert set(before[before["metric"] == "agreement"]["case"]) == {"logits N=16 V=33 float32 mean",
                                                                     "logits N=24 V=33 float32 mean"}
     kept = results.read_text().splitlines()[1:]
-    done = cebench_cli("run", "--resume", results.parent)  # without CEBENCH_TEST_BLOCK: does not block
+    # as if started on another machine's copy of the checkout (the GPU machine's): its absolute paths are gone here,
+    # the same files are under this checkout (the plugin) and the working directory (the suite)
+    env_path = results.parent / "env.json"
+    recorded = json.loads(env_path.read_text())
+    recorded["run_args"].update(suite="/gone/machine/resume.toml",
+                                plugin=["/gone/machine/checkout/tests/plugins/blocks_once.py"])
+    env_path.write_text(json.dumps(recorded))
+    done = cebench_cli("run", "--resume", results.parent, cwd=tmp_path)  # without CEBENCH_TEST_BLOCK: does not block
     assert done.returncode == 0, done.stderr
+    assert f"/gone/machine/resume.toml is not here; using {tmp_path / 'resume.toml'}" in done.stderr
+    assert f"blocks_once.py is not here; using {PLUGINS / 'blocks_once.py'}" in done.stderr
     assert "resuming: 1 of 3 cell(s) already finished" in done.stderr
     after = read_results(results.parent)
     checks = after[after["metric"] == "agreement"]

@@ -38,14 +38,15 @@ def _row(run_id, family, V, H, impl, mode, metric, value=None, status="ok", trus
 
 def write_run(parent: Path, run_id: str, cells: dict, env_extra: dict | None = None) -> Path:
     """cells: (family, V, H, impl) -> {"ms": base ms, "mib": MiB, "trusted": bool, "status": str, "reason": str,
-    "samples": list | None, "agrees": bool}. Every ok cell gets check rows and time/memory rows per mode."""
+    "samples": list | None, "agrees": bool, "modes": tuple (default MODES)}. Every ok cell gets check rows and
+    time/memory rows per mode."""
     run_dir = parent / run_id
     writer = RunWriter(run_dir)
     for (family, V, H, impl), spec in cells.items():
         status, reason = spec.get("status", "ok"), spec.get("reason", "")
         if status in ("unsupported", "skipped"):
             writer.write_row(_row(run_id, family, V, H, impl, "check", "agreement", status=status, reason=reason))
-            for mode in MODES:
+            for mode in spec.get("modes", MODES):
                 writer.write_row(_row(run_id, family, V, H, impl, mode, "time", status=status, reason=reason))
             continue
         agrees, trusted = spec.get("agrees", True), spec.get("trusted", True) and spec.get("agrees", True)
@@ -55,7 +56,7 @@ def write_run(parent: Path, run_id: str, cells: dict, env_extra: dict | None = N
         writer.write_row(_row(run_id, family, V, H, impl, "check", "agreement", float(agrees),
                               status="ok" if agrees else "failed", reason=verdict))
         writer.write_row(_row(run_id, family, V, H, impl, "check", "mutates_input", 0.0))
-        for k, mode in enumerate(MODES):
+        for k, mode in enumerate(spec.get("modes", MODES)):
             if mode == spec.get("oom_mode"):
                 writer.write_row(_row(run_id, family, V, H, impl, mode, "time", status="oom",
                                       reason="OutOfMemoryError: CUDA out of memory (synthetic)"))

@@ -345,3 +345,29 @@ def test_run_args_needs_a_run_directory_written_by_this_cebench(tmp_path):
     with pytest.raises(ResumeError, match="not a run directory"):
         run_args(tmp_path)  # env.json but no results.csv
     assert issubclass(ResumeError, ValueError) and resume.COLUMNS is COLUMNS
+
+
+def test_recorded_paths_are_found_under_another_root(tmp_path):
+    """A run started in another copy of the checkout records that copy's absolute paths; resumed here, the
+    longest tail that exists under a base is used, the first base first; anything else is left as given."""
+    here = tmp_path / "here"
+    (here / "copy" / "suites").mkdir(parents=True)
+    (here / "suites").mkdir()
+    for path in (here / "copy" / "suites" / "a.toml", here / "suites" / "a.toml", here / "suites" / "b.toml"):
+        path.write_text("")
+    (here / "suites" / "dir.toml").mkdir()
+    other = tmp_path / "other"
+    (other / "suites").mkdir(parents=True)
+    (other / "suites" / "b.toml").write_text("")
+    (other / "suites" / "a.toml").write_text("")
+    bases = [here, other]
+    assert resume.relocate("/gone/copy/suites/a.toml", bases) == str(here / "copy" / "suites" / "a.toml")  # longest
+    assert resume.relocate("/gone/copy/suites/a.toml", [other, here]) == str(here / "copy" / "suites" / "a.toml")
+    assert resume.relocate("/gone/x/suites/b.toml", bases) == str(here / "suites" / "b.toml")  # first base
+    assert resume.relocate("/gone/x/suites/b.toml", [other, here]) == str(other / "suites" / "b.toml")
+    assert resume.relocate("/gone/suites/dir.toml", bases) == "/gone/suites/dir.toml"  # a folder is no file
+    assert resume.relocate("/gone/suites/none.toml", bases) == "/gone/suites/none.toml"  # not found: as recorded
+    existing = str(here / "suites" / "a.toml")
+    assert resume.relocate(existing, [other]) == existing
+    assert resume.relocate("smoke", bases) == "smoke" and resume.relocate("suites/b.toml", [other]) == "suites/b.toml"
+    assert resume.relocate("/b.toml", [here / "suites"]) == str(here / "suites" / "b.toml")  # the shortest tail: the name

@@ -295,13 +295,15 @@ def family_tables(frame: pd.DataFrame, family: str, trust: report_trust.Trust | 
     linear family at the Gemma 2 2B head the CCE paper's Table 1 beside this run's figures, and for the logits
     family the launch-config tuning of our kernel where the run directory holds it."""
     from cebench.report.accuracy import accuracy_table  # these build on this module's cells
+    from cebench.report.headline import versus_table
     from cebench.report.roofline import roofline_table
     from cebench.report.stability import stability_table
     from cebench.report.table1 import table1
     from cebench.report.tuning import tuning_table
 
     tables = [time_table(frame, family, trust), memory_table(frame, family), speedup_table(frame, family),
-              roofline_table(frame, family, roof), accuracy_table(frame, family), stability_table(frame, family),
+              versus_table(frame, family, trust) if trust is not None else None, roofline_table(frame, family, roof),
+              accuracy_table(frame, family), stability_table(frame, family),
               table1(frame) if family == "linear" else None, tuning_table(run_dir) if family == "logits" else None]
     return [t for t in tables if t is not None]
 

@@ -14,6 +14,7 @@ from cebench import probe
 from cebench.report import data as report_data
 from cebench.report import plots, plots_tp
 from cebench.report import trust as report_trust
+from cebench.report.headline import headline_markdown
 from cebench.report.html import html, write_index, write_summary
 from cebench.report.md import markdown
 
@@ -21,6 +22,7 @@ REPO = Path(__file__).resolve().parent.parent.parent
 REPORTS_DIR = REPO / "reports"
 RESULTS_DIR = REPO / "results"
 FIGURES = "figures"
+HEADLINE = "headline.md"  # the block a README's results section is made of (cebench/report/headline.py)
 
 
 def default_reports_dir(run_dir: str | Path) -> Path:
@@ -59,8 +61,9 @@ def write_reports(run_dir: str | Path, reports_dir: str | Path | None = None,
     md_path, html_path = out_dir / "report.md", out_dir / "report.html"
     md_path.write_text(markdown(run, figures, FIGURES))
     html_path.write_text(html(run, figures))
+    (out_dir / HEADLINE).write_text(headline_markdown(run))
     write_summary(run, out_dir)
-    return {"markdown": md_path, "html": html_path, "index": write_index(reports_dir)}
+    return {"markdown": md_path, "html": html_path, "headline": out_dir / HEADLINE, "index": write_index(reports_dir)}
 
 
 def write_markdown(run_dir: str | Path, reports_dir: Path | None = None) -> Path:
