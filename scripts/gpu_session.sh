@@ -14,8 +14,10 @@
 #
 # Prepare here: scripts/wheelhouse.sh .whl first; carry [".whl"]. For the second call rebuild it with only
 # QuACK's wheels (rm -r .whl; scripts/wheelhouse.sh .whl quack: 62 MiB, the limit is 64 with the tree).
-# The run directory comes back inside results.tar.xz (runs/<run id>); a headline cut off by the budget is finished later with
-# `python -m cebench run --resume <run dir>` (rows are written as they are measured, nothing is lost).
+# The run directories come back inside results.tar.xz (runs/<run id>, logs/); land them with
+# `python scripts/land_gpu_run.py results.tar.xz` (results/<run id>/, its report, the cells left undone). A headline
+# cut off by the budget is finished later with `python -m cebench run --resume results/<run id>` (rows are written as
+# they are measured, nothing is lost).
 set -uo pipefail
 STAGE=${1:-first}
 OUT=${OUT:-/tmp/cebench-out}  # what comes back: results.tar.xz and session.log only (8 files at most)

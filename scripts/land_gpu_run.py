@@ -1,0 +1,139 @@
+"""Land what a GPU session brought back: its runs under results/, the session's logs beside them, reports rendered.
+
+scripts/gpu_session.sh packs everything into one results.tar.xz (only 8 files come back from the device):
+runs/<run id>/ for each run it made (the smoke on CUDA, the headline) and logs/ (the session's log, the
+install, nvidia-smi and versions, the tuner's log and tune.json, each run's stdout). This, on the CPU:
+  1. puts each run under results/<run id>/ and the session's logs under results/<run id>/session/, refusing
+     to overwrite a run already there (a GPU figure is committed once, as measured);
+  2. says how much of each run finished: cells (implementation × case) with their agreement row and a time
+     row for every mode, against the cells its suite and --impl list ask for, naming the missing ones
+     (a headline cut off by the session's deadline: finish it on a GPU with `run --resume`);
+  3. renders reports/<run id>/ (report.md, report.html, headline.md) and prints headline.md.
+
+    python scripts/land_gpu_run.py /work/.device/.../results.tar.xz      # then git add results/ reports/
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tarfile
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+SESSION = "session"  # results/<run id>/session/: the session's logs, as they came back
+
+
+class LandError(Exception):
+    """An archive or a destination that cannot be landed; the message says why."""
+
+
+def extract(archive: Path, into: Path) -> list[Path]:
+    """The run directories (results.csv and env.json) in `archive`, unpacked under `into`."""
+    try:
+        with tarfile.open(archive) as tar:
+            tar.extractall(into, filter="data")  # no absolute paths, links out of the tree or devices
+    except (OSError, tarfile.TarError) as exc:
+        raise LandError(f"{archive}: cannot be unpacked: {exc}") from exc
+    runs = sorted(p for p in (into / "runs").glob("*") if (p / "results.csv").is_file() and (p / "env.json").is_file())
+    if not runs:
+        raise LandError(f"{archive}: holds no run directory (runs/<run id>/ with results.csv and env.json)")
+    return runs
+
+
+def land(run: Path, logs: Path, results_dir: Path) -> Path:
+    """Copy one run and the session's logs to results_dir/<run id>/; the destination."""
+    dest = results_dir / run.name
+    if dest.exists():
+        raise LandError(f"{dest} already exists: a landed run is never overwritten (move it away to land again)")
+    shutil.copytree(run, dest)
+    if logs.is_dir():
+        shutil.copytree(logs, dest / SESSION)
+    return dest
+
+
+def expected_cells(run_dir: Path) -> set[tuple[str, str, tuple[str, ...]]] | None:
+    """(impl, case id, modes) the run was asked for, from the suite and --impl recorded in env.json;
+    None when that cannot be known here (a preset run, a suite file or plugin not in this checkout)."""
+    from cebench import registry, resume, suites
+
+    recorded = resume.run_args(run_dir)["run_args"]
+    if recorded.get("model") or recorded.get("plugin"):
+        return None
+    bases = [Path.cwd(), ROOT]
+    try:
+        suite = suites.load(resume.relocate(recorded["suite"], bases))
+    except suites.SuiteError:
+        return None
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # the implementations are imported for their families only
+    registry.load_all()
+    impls = registry.select([n for n in (recorded.get("impl") or "").split(",") if n] or None)
+    return {(i.name, case.id, tuple(modes)) for case, modes, only in suite.cells() for i in impls
+            if i.family == case.family and (only is None or i.name in only)}
+
+
+def missing_cells(run_dir: Path, expected) -> list[tuple[str, str]]:
+    """(impl, case id) of the expected cells without their agreement row or a time row for one of their modes:
+    what --resume would run again (an unsupported, skipped or failed cell writes those rows too, with its status)."""
+    from cebench.results import read_results
+
+    frame = read_results(run_dir)
+    have: dict[tuple[str, str], set[tuple[str, str]]] = {}
+    for impl, case, mode, metric in zip(frame["impl"], frame["case"], frame["mode"], frame["metric"], strict=True):
+        have.setdefault((impl, case), set()).add((mode, metric))
+    missing = []
+    for impl, case, modes in sorted(expected, key=lambda c: (c[0], c[1])):
+        got = have.get((impl, case), set())
+        if ("check", "agreement") not in got or not all((mode, "time") in got for mode in modes):
+            missing.append((impl, case))
+    return missing
+
+
+def completeness(run_dir: Path) -> str:
+    expected = expected_cells(run_dir)
+    if expected is None:
+        return f"{run_dir.name}: completeness not checked (a preset or plugin run, or its suite is not here)"
+    missing = missing_cells(run_dir, expected)
+    if not missing:
+        return f"{run_dir.name}: all {len(expected)} cells finished"
+    listed = "\n".join(f"  {impl}: {case}" for impl, case in missing[:30])
+    more = f"\n  ... and {len(missing) - 30} more" if len(missing) > 30 else ""
+    return (f"{run_dir.name}: {len(expected) - len(missing)} of {len(expected)} cells finished; missing:\n{listed}{more}\n"
+            f"  finish them on a GPU: python -m cebench run --resume results/{run_dir.name}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("archive", type=Path, help="results.tar.xz as scripts/gpu_session.sh packed it")
+    parser.add_argument("--results", type=Path, default=ROOT / "results", help="where runs land (default results/)")
+    parser.add_argument("--no-report", action="store_true", help="land the runs only")
+    args = parser.parse_args(argv)
+    from cebench.report.write import write_reports
+
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            runs = extract(args.archive, Path(tmp))
+            for run in runs:  # every destination checked before anything is copied
+                if (args.results / run.name).exists():
+                    raise LandError(f"{args.results / run.name} already exists: a landed run is never overwritten")
+            landed = [land(run, Path(tmp) / "logs", args.results) for run in runs]
+        except LandError as exc:
+            print(f"land_gpu_run: {exc}", file=sys.stderr)
+            return 2
+    for dest in landed:
+        print(f"landed {dest}")
+        print(completeness(dest))
+        if not args.no_report:
+            written = write_reports(dest)
+            print(f"report {written['markdown']}\n")
+            print(written["headline"].read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

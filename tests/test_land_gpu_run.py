@@ -1,0 +1,116 @@
+"""scripts/land_gpu_run.py on an archive packed as scripts/gpu_session.sh packs one: runs land once, logs beside
+them, missing cells named, reports rendered; a run already landed is never overwritten."""
+
+from __future__ import annotations
+
+import importlib.util
+import io
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from tests.test_report import write_run
+
+ROOT = Path(__file__).resolve().parent.parent
+SPEC = importlib.util.spec_from_file_location("land_gpu_run", ROOT / "scripts" / "land_gpu_run.py")
+land_gpu_run = importlib.util.module_from_spec(SPEC)
+SPEC.loader.exec_module(land_gpu_run)
+
+RUN_ID = "20260102-030405-tiny-cuda"
+SUITE = """
+name = "tiny"
+device = "cuda"
+[[sweep]]
+family = "logits"
+N = [64]
+V = [4096, 1024]
+dtype = ["float32"]
+modes = ["forward", "backward", "forward+backward"]
+impls = ["torch", "chunked"]
+"""
+
+
+def _archive(tmp_path: Path, run_args: dict) -> Path:
+    """runs/<id>/ and logs/: torch's cell at V=4096 finished, at V=1024 cut off after one mode of three (the
+    session's deadline); chunked's never began."""
+    pack = tmp_path / "pack"
+    cells = {("logits", 4096, None, "torch"): {"ms": 1.0, "mib": 1.0},
+             ("logits", 1024, None, "torch"): {"ms": 1.0, "mib": 1.0, "modes": ("forward",)}}
+    write_run(pack / "runs", RUN_ID, cells, {"device": "cuda", "run_args": run_args})
+    (pack / "logs").mkdir()
+    (pack / "logs" / "session.log").write_text("[10:00:00] smoke exit 0\n")
+    archive = tmp_path / "results.tar.xz"
+    with tarfile.open(archive, "w:xz") as tar:
+        tar.add(pack / "runs", "runs")
+        tar.add(pack / "logs", "logs")
+    return archive
+
+
+@pytest.fixture
+def suite_file(tmp_path) -> Path:
+    path = tmp_path / "tiny.toml"
+    path.write_text(SUITE)
+    return path
+
+
+def test_a_cut_off_run_lands_with_its_logs_and_its_missing_cells_named(tmp_path, suite_file, capsys):
+    # liger is asked for, but no grid of the suite lists it: not a cell of this run
+    archive = _archive(tmp_path, {"suite": str(suite_file), "impl": "torch,chunked,liger", "plugin": [], "model": None})
+    results = tmp_path / "results"
+    results.mkdir()
+    assert land_gpu_run.main([str(archive), "--results", str(results)]) == 0
+    out = capsys.readouterr().out
+    run = results / RUN_ID
+    assert (run / "results.csv").is_file() and (run / "samples.jsonl").is_file()
+    assert (run / "session" / "session.log").read_text() == "[10:00:00] smoke exit 0\n"
+    assert f"{RUN_ID}: 1 of 4 cells finished; missing:" in out
+    assert ("  chunked: logits N=64 V=1024 float32 mean\n  chunked: logits N=64 V=4096 float32 mean\n"
+            "  torch: logits N=64 V=1024 float32 mean\n") in out
+    assert "torch: logits N=64 V=4096" not in out
+    assert f"python -m cebench run --resume results/{RUN_ID}" in out
+    assert f"# {RUN_ID}: headline" in out
+    assert (results / "reports" / RUN_ID / "headline.md").is_file()  # beside the run, as for any run outside the repo
+
+    before = (run / "results.csv").read_bytes()
+    assert land_gpu_run.main([str(archive), "--results", str(results), "--no-report"]) == 2
+    assert "already exists: a landed run is never overwritten" in capsys.readouterr().err
+    assert (run / "results.csv").read_bytes() == before
+
+
+def test_a_finished_run_and_runs_whose_cells_cannot_be_known_here(tmp_path, suite_file, capsys):
+    archive = _archive(tmp_path, {"suite": str(suite_file), "impl": "torch", "plugin": [], "model": None})
+    assert land_gpu_run.main([str(archive), "--results", str(tmp_path / "a"), "--no-report"]) == 0
+    assert f"{RUN_ID}: 1 of 2 cells finished; missing:\n  torch: logits N=64 V=1024" in capsys.readouterr().out
+    gone = _archive(tmp_path / "b", {"suite": "/gone/tiny-elsewhere.toml", "impl": "torch", "plugin": [], "model": None})
+    assert land_gpu_run.main([str(gone), "--results", str(tmp_path / "b"), "--no-report"]) == 0
+    assert "completeness not checked" in capsys.readouterr().out
+
+
+def test_what_is_not_an_archive_of_runs_is_refused(tmp_path, capsys):
+    (tmp_path / "junk.tar.xz").write_bytes(b"not an archive")
+    assert land_gpu_run.main([str(tmp_path / "junk.tar.xz"), "--results", str(tmp_path)]) == 2
+    assert "cannot be unpacked" in capsys.readouterr().err
+    empty = tmp_path / "empty.tar.xz"
+    with tarfile.open(empty, "w:xz") as tar:
+        (tmp_path / "logs").mkdir()
+        tar.add(tmp_path / "logs", "logs")
+    assert land_gpu_run.main([str(empty), "--results", str(tmp_path)]) == 2
+    assert "holds no run directory" in capsys.readouterr().err
+
+
+def test_nothing_lands_when_one_run_of_the_archive_is_already_there(tmp_path, suite_file, capsys):
+    archive = _archive(tmp_path, {"suite": str(suite_file), "impl": "torch", "plugin": [], "model": None})
+    with tarfile.open(archive) as tar:
+        members = {m.name: tar.extractfile(m).read() for m in tar.getmembers() if m.isfile()}
+    smoke = "20260102-030300-smoke-cuda"  # the session's first run, landed before the headline: both refused
+    with tarfile.open(archive, "w:xz") as tar:
+        for name, data in members.items():
+            for new in {name, name.replace(RUN_ID, smoke)}:
+                info = tarfile.TarInfo(new)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    results = tmp_path / "results"
+    (results / RUN_ID).mkdir(parents=True)
+    assert land_gpu_run.main([str(archive), "--results", str(results), "--no-report"]) == 2
+    assert not (results / smoke).exists() and not any((results / RUN_ID).iterdir())
