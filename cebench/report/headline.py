@@ -25,7 +25,7 @@ from cebench.report.data import MODE_LABEL, Cell, Run, Table, _floor_ratio, _fmt
 from cebench.report.md import table as md_table
 from cebench.report.roofline import ceiling
 from cebench.report.stability import first_take
-from cebench.report.verdicts import verdicts
+from cebench.report.verdicts import _allowed, verdicts
 
 OURS = {"logits": "triton_fused", "linear": "triton_fused_linear"}
 COMPARED_MODES = ("forward+backward", "eval")  # the fair ones: forward alone holds the gradient for some (fwd+grad)
@@ -88,8 +88,7 @@ def headline_table(frame: pd.DataFrame, family: str, trust: report_trust.Trust, 
         return None
     by_line = {int(r["line"]): r for r in sub.to_dict("records")}
     picks = {(v["case"], v["mode"]): v for v in verdicts(sub, trust)}
-    times, labels, ours = trusted(sub, "time"), label_of(frame), OURS.get(family)
-    times = times[[trust.allowed(i, f, d) for i, f, d in zip(times["impl"], times["family"], times["dtype"], strict=True)]]
+    times, labels, ours = _allowed(trusted(sub, "time"), trust), label_of(frame), OURS.get(family)
     body = []
     for case in dict.fromkeys(sub["case"]):
         fit = picks.get((case, train), {})
