@@ -3,7 +3,10 @@
 GPU time comes in short slots, so a suite must be sized to fit one before it is run. This is a
 model, not a measurement: every constant below is a lead from published figures (ANCHORS.md,
 the device notes) or a guess, named as such, and the first GPU run replaces them with what it
-measured (`--calibrate RUN_DIR` reads a finished run's per-cell wall times, when there is one).
+measured: `--calibrate RUN_DIR` reads the wall time of every cell an isolated run finished (its
+cells.jsonl), sets it beside this model's figure for the same cells (the run's own suite), and scales
+each implementation's estimate by measured ÷ modelled; implementations the run did not have keep the
+model's figure, and the output says which.
 
 A cell (implementation × case) costs, in order:
   inputs       generating the case's inputs: a few passes over their bytes;
@@ -156,10 +159,52 @@ def gpu_impls(registry_impls, names: list[str] | None = None) -> dict[str, str]:
     return {i.name: i.family for i in registry_impls if (i.name in names if names else "cuda" in i.devices)}
 
 
+def per_impl(cells: list[CellEstimate]) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for c in cells:
+        out[c.impl] = out.get(c.impl, 0.0) + c.seconds
+    return out
+
+
+def measured_cells(run_dir) -> dict[tuple[str, str], float]:
+    """(impl, case id) -> wall seconds, from a run's cells.jsonl (the last line of a cell run twice wins)."""
+    import json
+    from pathlib import Path
+
+    from cebench.results import CELL_TIMES
+
+    path = Path(run_dir) / CELL_TIMES
+    if not path.is_file():
+        raise ValueError(f"{path}: not found; only isolated runs made by this cebench record their cells' times")
+    out = {}
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+            out[(record["impl"], record["case"])] = float(record["seconds"])
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+            continue  # a line cut short by a kill
+    return out
+
+
+def calibration(run_suite, measured: dict[tuple[str, str], float], impls: dict[str, str],
+                gpu_name: str) -> dict[str, tuple[float, float, int]]:
+    """impl -> (measured s, modelled s, cells) over the cells of `run_suite` that the run finished: the model is
+    evaluated on exactly those cells, worker starts and compiles included, so measured ÷ modelled is its error."""
+    _, modelled = suite_estimate(run_suite, impls, gpu_name)
+    out: dict[str, tuple[float, float, int]] = {}
+    for c in modelled:
+        if (c.impl, c.case) in measured:
+            got, model, n = out.get(c.impl, (0.0, 0.0, 0))
+            out[c.impl] = (got + measured[(c.impl, c.case)], model + c.seconds, n + 1)
+    return out
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--suite", required=True, help="suite name in suites/ or path to a .toml file")
     p.add_argument("--gpu", choices=sorted(GPUS), default="h100")
     p.add_argument("--impl", help="comma-separated implementations (default: every one the suite's families have)")
+    p.add_argument("--calibrate", metavar="RUN_DIR", help="scale each implementation's estimate by measured ÷ "
+                   "modelled over the cells this earlier run finished (its cells.jsonl, on the GPU --gpu names)")
 
 
 def report(args) -> int:
@@ -167,17 +212,42 @@ def report(args) -> int:
     from cebench import registry, suites
 
     suite = suites.load(args.suite)
-    impls = gpu_impls(registry.load_all().values(), args.impl.split(",") if args.impl else None)
+    known = registry.load_all().values()
+    impls = gpu_impls(known, args.impl.split(",") if args.impl else None)
     total, cells = suite_estimate(suite, impls, args.gpu)
-    by_impl: dict[str, float] = {}
-    for c in cells:
-        by_impl[c.impl] = by_impl.get(c.impl, 0.0) + c.seconds
-    print(f"{suite.name} on {args.gpu}: about {math.ceil(total / 60)} min ({total:.0f} s) for {len(cells)} cells "
-          f"(a model: see cebench/estimate.py)")
+    by_impl = per_impl(cells)
+    factors = _calibrate(args.calibrate, known, args.gpu) if args.calibrate else {}
+    if factors:
+        by_impl = {name: seconds * factors.get(name, (1.0, ""))[0] for name, seconds in by_impl.items()}
+        total = sum(by_impl.values())
+    how = f"calibrated by {args.calibrate}" if factors else "a model: see cebench/estimate.py"
+    print(f"{suite.name} on {args.gpu}: about {math.ceil(total / 60)} min ({total:.0f} s) for {len(cells)} cells ({how})")
     for name, seconds in sorted(by_impl.items(), key=lambda kv: -kv[1]):
-        print(f"  {name:<22} {seconds:7.1f} s")
+        note = f"  ({factors[name][1]})" if name in factors else "  (not in that run: the model's figure)" * bool(factors)
+        print(f"  {name:<22} {seconds:7.1f} s{note}")
     case, parts = largest_cell(suite)
     detail = ", ".join(f"{k} {v / 1e9:.1f}" for k, v in parts.items())
     print(f"largest cell {case.id}: cebench holds {sum(parts.values()) / 1e9:.1f} GB ({detail}) besides the "
           f"implementation's own memory; an H100 has 80 GB")
     return 0
+
+
+def _calibrate(run_dir: str, known, gpu_name: str) -> dict[str, tuple[float, str]]:
+    """impl -> (measured ÷ modelled, how it was found) from an earlier run; an unusable run is a usage error."""
+    from pathlib import Path
+
+    from cebench import resume, suites
+
+    try:
+        recorded = resume.run_args(Path(run_dir))["run_args"]
+        run_suite = suites.load(resume.relocate(recorded["suite"], [Path.cwd(), Path(__file__).resolve().parent.parent]))
+        measured = measured_cells(run_dir)
+    except (resume.ResumeError, suites.SuiteError, ValueError, KeyError, TypeError) as exc:
+        raise suites.SuiteError(f"--calibrate {run_dir}: {exc}") from exc  # the CLI's usage error: exit 2
+    impls = gpu_impls(known, sorted({impl for impl, _ in measured}))
+    found = calibration(run_suite, measured, impls, gpu_name)
+    device = resume.run_args(Path(run_dir)).get("device", "?")
+    if not str(device).startswith("cuda"):
+        print(f"warning: {run_dir} ran on {device}: its times say nothing about a GPU")
+    return {name: (got / model, f"×{got / model:.2f}: {got:.0f} s measured against {model:.0f} s modelled in "
+                   f"{n} cell(s)") for name, (got, model, n) in found.items() if model > 0}

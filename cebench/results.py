@@ -33,6 +33,7 @@ COLUMNS = [
     # the inputs' distribution (cebench.cases) and the model preset the head comes from, if any
     "distribution", "model",
 ]
+CELL_TIMES = "cells.jsonl"  # per cell, its wall-clock seconds (RunWriter.write_cell_time)
 STATUSES = ("ok", "unsupported", "skipped", "failed", "oom", "timeout", "unavailable")
 REPO = Path(__file__).resolve().parent.parent
 
@@ -59,6 +60,12 @@ class RunWriter:
     def write_samples(self, key: dict, samples_ms: list[float]) -> None:
         self._samples.write(json.dumps({**key, "samples_ms": samples_ms}) + "\n")
         self._samples.flush()
+
+    def write_cell_time(self, record: dict) -> None:
+        """cells.jsonl: a line per cell an isolated run finished (impl, case, wall-clock seconds from the cell's
+        start, its worker's start included, to its last row): what `estimate --calibrate` reads."""
+        with open(self.run_dir / CELL_TIMES, "a") as f:
+            f.write(json.dumps(record) + "\n")
 
     def close(self) -> None:
         self._rows.close()

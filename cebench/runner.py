@@ -429,6 +429,7 @@ def _run_isolated(todo, plan, device, writer, emit, log, plugins, timeout, log_d
     worker, current, index = None, None, 0
     for case, modes, impl in todo:
         index += 1
+        began = time.monotonic()  # the cell's wall time, its worker's start included: estimate --calibrate
         if current != impl.name:  # a worker of its own per implementation
             if worker is not None:
                 worker.stop()
@@ -450,6 +451,7 @@ def _run_isolated(todo, plan, device, writer, emit, log, plugins, timeout, log_d
                     log(f"  worker for {impl.name} restarted: CUDA context unusable after {message[1]}")
         except WorkerDied as death:
             _finish_cell(impl, case, modes, device, plan, seen, death.status, death.reason, emit)
+        writer.write_cell_time({"impl": impl.name, "case": case.id, "seconds": round(time.monotonic() - began, 3)})
     if worker is not None:
         worker.stop()
 

@@ -195,7 +195,8 @@ def test_a_harness_error_is_reported_by_its_exception_not_the_tracebacks_last_li
     (tmp_path / "one.toml").write_text('name = "one"\ndevice = "cpu"\n[[sweep]]\nfamily = "logits"\nN = [4]\nV = [9]\n'
                                        'modes = ["forward"]\n')
     rows = []
-    writer = type("W", (), {"write_row": lambda self, r: rows.append(r), "write_samples": lambda self, k, s: None})()
+    writer = type("W", (), {"write_row": lambda self, r: rows.append(r), "write_samples": lambda self, k, s: None,
+                            "write_cell_time": lambda self, record: None})()
     runner.run_suite(suites.load(str(tmp_path / "one.toml")), [impls["torch"]], "cpu", writer, "r",
                      log=lambda *a: None, isolate=True)
     reasons = {r["reason"] for r in rows if r.get("status") == "failed"}

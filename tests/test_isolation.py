@@ -73,6 +73,18 @@ def test_run_finishes_with_exit_code_1(crash_run):
     assert proc.returncode == 1, proc.stderr
 
 
+def test_every_cell_records_its_wall_time_crashed_or_not(crash_run):
+    """cells.jsonl (what `estimate --calibrate` reads): a line per cell, the crashed and timed-out ones too, whose
+    seconds cover at least the time limit for a cell that ran into it."""
+    proc, frame = crash_run
+    run_dir = Path(proc.stdout.strip().splitlines()[-1])
+    lines = [json.loads(line) for line in (run_dir / "cells.jsonl").read_text().splitlines()]
+    assert sorted((r["impl"], r["case"]) for r in lines) == sorted(set(zip(frame["impl"], frame["case"], strict=True)))
+    assert all(r["seconds"] > 0 for r in lines)
+    timed_out = set(frame[frame["status"] == "timeout"]["impl"])
+    assert timed_out and all(r["seconds"] >= 8 for r in lines if r["impl"] in timed_out)
+
+
 @pytest.mark.parametrize("impl", sorted(CRASHES))
 def test_each_crash_is_recorded_with_its_cause_for_every_case(crash_run, impl):
     _, frame = crash_run
