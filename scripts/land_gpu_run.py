@@ -57,24 +57,46 @@ def land(run: Path, logs: Path, results_dir: Path) -> Path:
     return dest
 
 
-def expected_cells(run_dir: Path) -> set[tuple[str, str, tuple[str, ...]]] | None:
-    """(impl, case id, modes) the run was asked for, from the suite and --impl recorded in env.json;
-    None when that cannot be known here (a preset run, a suite file or plugin not in this checkout)."""
+def run_plan(run_dir: Path):
+    """(suite, implementations) the run was started with, from env.json; None when that cannot be known here
+    (a preset run, a suite file or a plugin not in this checkout)."""
     from cebench import registry, resume, suites
 
     recorded = resume.run_args(run_dir)["run_args"]
     if recorded.get("model") or recorded.get("plugin"):
         return None
-    bases = [Path.cwd(), ROOT]
     try:
-        suite = suites.load(resume.relocate(recorded["suite"], bases))
+        suite = suites.load(resume.relocate(recorded["suite"], [Path.cwd(), ROOT]))
     except suites.SuiteError:
         return None
     os.environ.setdefault("TRITON_INTERPRET", "1")  # the implementations are imported for their families only
     registry.load_all()
-    impls = registry.select([n for n in (recorded.get("impl") or "").split(",") if n] or None)
+    return suite, registry.select([n for n in (recorded.get("impl") or "").split(",") if n] or None)
+
+
+def expected_cells(suite, impls) -> set[tuple[str, str, tuple[str, ...]]]:
+    """(impl, case id, modes) of every cell the run was asked for."""
     return {(i.name, case.id, tuple(modes)) for case, modes, only in suite.cells() for i in impls
             if i.family == case.family and (only is None or i.name in only)}
+
+
+def time_to_finish(run_dir: Path, suite, impls, missing: list[tuple[str, str]]) -> str:
+    """The estimate of the missing cells, each implementation's model scaled by its own cells in this run."""
+    from cebench import estimate
+    from cebench.results import read_env
+
+    gpu = "h200" if "H200" in str(read_env(run_dir).get("device_name", "")) else "h100"
+    try:
+        measured = estimate.measured_cells(run_dir)
+    except ValueError:
+        return ""
+    families = {i.name: i.family for i in impls}
+    found = estimate.calibration(suite, measured, families, gpu)
+    factor = {name: got / model for name, (got, model, _) in found.items() if model > 0}
+    left = sum(c.seconds * factor.get(c.impl, 1.0) for c in estimate.suite_estimate(suite, families, gpu)[1]
+               if (c.impl, c.case) in set(missing))
+    return (f"\n  about {left:.0f} s to finish on an {gpu.upper()}: the model, each implementation scaled by its "
+            f"cells in this run (cebench/estimate.py)")
 
 
 def missing_cells(run_dir: Path, expected) -> list[tuple[str, str]]:
@@ -95,16 +117,18 @@ def missing_cells(run_dir: Path, expected) -> list[tuple[str, str]]:
 
 
 def completeness(run_dir: Path) -> str:
-    expected = expected_cells(run_dir)
-    if expected is None:
+    plan = run_plan(run_dir)
+    if plan is None:
         return f"{run_dir.name}: completeness not checked (a preset or plugin run, or its suite is not here)"
+    expected = expected_cells(*plan)
     missing = missing_cells(run_dir, expected)
     if not missing:
         return f"{run_dir.name}: all {len(expected)} cells finished"
     listed = "\n".join(f"  {impl}: {case}" for impl, case in missing[:30])
     more = f"\n  ... and {len(missing) - 30} more" if len(missing) > 30 else ""
     return (f"{run_dir.name}: {len(expected) - len(missing)} of {len(expected)} cells finished; missing:\n{listed}{more}\n"
-            f"  finish them on a GPU: python -m cebench run --resume results/{run_dir.name}")
+            f"  finish them on a GPU: python -m cebench run --resume results/{run_dir.name}"
+            + time_to_finish(run_dir, *plan, missing))
 
 
 def main(argv: list[str] | None = None) -> int:

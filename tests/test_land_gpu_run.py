@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import importlib.util
 import io
+import json
 import tarfile
 from pathlib import Path
 
 import pytest
 
+from cebench import estimate, suites
 from tests.test_report import write_run
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -31,13 +33,16 @@ impls = ["torch", "chunked"]
 """
 
 
-def _archive(tmp_path: Path, run_args: dict) -> Path:
+def _archive(tmp_path: Path, run_args: dict, cell_seconds: dict | None = None) -> Path:
     """runs/<id>/ and logs/: torch's cell at V=4096 finished, at V=1024 cut off after one mode of three (the
     session's deadline); chunked's never began."""
     pack = tmp_path / "pack"
     cells = {("logits", 4096, None, "torch"): {"ms": 1.0, "mib": 1.0},
              ("logits", 1024, None, "torch"): {"ms": 1.0, "mib": 1.0, "modes": ("forward",)}}
-    write_run(pack / "runs", RUN_ID, cells, {"device": "cuda", "run_args": run_args})
+    run = write_run(pack / "runs", RUN_ID, cells, {"device": "cuda", "device_name": "NVIDIA H200", "run_args": run_args})
+    if cell_seconds:  # as an isolated run records them
+        (run / "cells.jsonl").write_text("".join(json.dumps({"impl": i, "case": c, "seconds": t}) + "\n"
+                                                 for (i, c), t in cell_seconds.items()))
     (pack / "logs").mkdir()
     (pack / "logs" / "session.log").write_text("[10:00:00] smoke exit 0\n")
     archive = tmp_path / "results.tar.xz"
@@ -56,7 +61,12 @@ def suite_file(tmp_path) -> Path:
 
 def test_a_cut_off_run_lands_with_its_logs_and_its_missing_cells_named(tmp_path, suite_file, capsys):
     # liger is asked for, but no grid of the suite lists it: not a cell of this run
-    archive = _archive(tmp_path, {"suite": str(suite_file), "impl": "torch,chunked,liger", "plugin": [], "model": None})
+    families = {"torch": "logits", "chunked": "logits"}
+    model = {(c.impl, c.case): c.seconds for c in estimate.suite_estimate(suites.load(str(suite_file)), families,
+                                                                          "h200")[1]}
+    done = ("torch", "logits N=64 V=4096 float32 mean")
+    archive = _archive(tmp_path, {"suite": str(suite_file), "impl": "torch,chunked,liger", "plugin": [], "model": None},
+                       {done: 3 * model[done]})  # the model was 3x too optimistic for torch on this GPU
     results = tmp_path / "results"
     results.mkdir()
     assert land_gpu_run.main([str(archive), "--results", str(results)]) == 0
@@ -69,6 +79,8 @@ def test_a_cut_off_run_lands_with_its_logs_and_its_missing_cells_named(tmp_path,
             "  torch: logits N=64 V=1024 float32 mean\n") in out
     assert "torch: logits N=64 V=4096" not in out
     assert f"python -m cebench run --resume results/{RUN_ID}" in out
+    left = 3 * model[("torch", "logits N=64 V=1024 float32 mean")] + sum(t for (i, _), t in model.items() if i == "chunked")
+    assert f"about {left:.0f} s to finish on an H200" in out
     assert f"# {RUN_ID}: headline" in out
     assert (results / "reports" / RUN_ID / "headline.md").is_file()  # beside the run, as for any run outside the repo
 
