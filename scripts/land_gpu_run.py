@@ -7,7 +7,8 @@ install, nvidia-smi and versions, the tuner's log and tune.json, each run's stdo
      to overwrite a run already there (a GPU figure is committed once, as measured);
   2. says how much of each run finished: cells (implementation × case) with their agreement row and a time
      row for every mode, against the cells its suite and --impl list ask for, naming the missing ones
-     (a headline cut off by the session's deadline: finish it on a GPU with `run --resume`);
+     (a headline cut off by the session's deadline: finish it on a GPU with `run --resume`), and how long
+     they would take there: the estimate, each implementation scaled by its own cells in this run;
   3. renders reports/<run id>/ (report.md, report.html, headline.md) and prints headline.md.
 
     python scripts/land_gpu_run.py /work/.device/.../results.tar.xz      # then git add results/ reports/
