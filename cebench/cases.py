@@ -182,8 +182,10 @@ def make_grad_output(case: Case, device: str) -> torch.Tensor:
     gen = _generator(case, device, "grad_output")
     shape = (case.N,) if case.reduction == "none" else ()
     grad = 0.5 + torch.rand(shape, generator=gen, device=device, dtype=torch.float32)
-    # round to bf16 so the value is exact in every dtype a loss may come back in
-    return grad.to(torch.bfloat16).to(torch.float32)
+    # round to bf16 so the value is exact in every dtype a loss may come back in; rounding brings 1 in ~0.4 % of
+    # draws (every value within 2^-9 of it), which is moved to the next bf16 number up, 1 + 2^-7
+    grad = grad.to(torch.bfloat16).to(torch.float32)
+    return torch.where(grad == 1.0, torch.full_like(grad, 1.0 + 2.0**-7), grad)
 
 
 def differentiable_names(case: Case) -> tuple[str, ...]:

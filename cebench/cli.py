@@ -72,8 +72,9 @@ def _recorded_args(args) -> tuple[Path, dict]:
     """--resume RUN_DIR: the run directory and the arguments it was started with (none may be given again)."""
     given = [f"--{k.replace('_', '-')}" for k in ("suite", "impl", "device", "out", "model", "tokens") if getattr(args, k)]
     given += ["--timeout"] * (args.timeout is not None) + ["--nproc"] * (args.nproc != 1)
-    if given or args.plugin or args.no_isolate:
-        raise UsageError(f"--resume takes the run's arguments from its env.json; do not give {given or '--plugin'}")
+    given += ["--plugin"] * bool(args.plugin) + ["--no-isolate"] * bool(args.no_isolate)
+    if given:
+        raise UsageError(f"--resume takes the run's arguments from its env.json; do not give {given}")
     run_dir = Path(args.resume)
     try:
         env = resume.run_args(run_dir)
@@ -129,7 +130,7 @@ def cmd_run(args) -> int:
         env["run_args"] = {"suite": str(suite.path.resolve()), "impl": args.impl, "plugin": plugins, "device": device,
                            "timeout": args.timeout, "isolate": not args.no_isolate, "nproc": args.nproc,
                            "model": args.model, "tokens": args.tokens}
-        if args.model:  # which model each (V, H) of the run is, until the rows carry a model column
+        if args.model:  # which model each (V, H) of the run is (the rows carry it too, in their model column)
             env["models"] = {f"V={v} H={h}": name for (v, h), name in
                              models.labels(models.resolve(_split(args.model))).items()}
     # vocab-parallel cases at world size > 1 go to torchrun; one the sharding cannot serve is a usage

@@ -1,7 +1,7 @@
 """How long a suite will take on a GPU, before any GPU time is spent: `python -m cebench estimate --suite S`.
 
 GPU time comes in short slots, so a suite must be sized to fit one before it is run. This is a
-model, not a measurement: every constant below is a lead from published figures (ANCHORS.md,
+model, not a measurement: every constant below is a lead from published figures (../shared/ANCHORS.md beside the checkout,
 the device notes) or a guess, named as such, and the first GPU run replaces them with what it
 measured: `--calibrate RUN_DIR` reads the wall time of every cell an isolated run finished (its
 cells.jsonl), sets it beside this model's figure for the same cells (the run's own suite), and scales

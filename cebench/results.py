@@ -4,8 +4,10 @@ A run directory holds:
   results.csv   one row per implementation × case × mode × metric (pandas-readable), appended and
                 flushed as each value is measured, so a crash loses at most the cell in flight;
   samples.jsonl every raw timing sample, one JSON object per implementation × case × mode;
+  cells.jsonl   each cell's wall-clock seconds in an isolated run (what `estimate --calibrate` reads);
   env.json      where and how the run happened: device, driver/CUDA, library versions,
-                Python, CPU, git commit and dirty flag, argv, suite hash, start time.
+                Python, CPU, git commit and dirty flag, argv, suite hash, start time;
+  logs/         each worker's output (cebench.isolate); ranks/ the vocab-parallel launches' errors and progress.
 """
 
 from __future__ import annotations

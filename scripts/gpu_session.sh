@@ -3,7 +3,7 @@
 # result written under $OUT as it comes and packed into ONE archive at the end (only 8 files come back).
 #
 #   bash scripts/gpu_session.sh first    # peers + smoke on CUDA + gpu-headline (ours, torch, compile, Liger, CCE)
-#   bash scripts/gpu_session.sh second   # QuACK and Megatron cells of gpu-headline (carry the quack wheels)
+#   bash scripts/gpu_session.sh second   # QuACK's cells of gpu-headline (carry the quack wheels)
 #   DEADLINE_S=540 bash scripts/gpu_session.sh first  # seconds after which the headline is stopped and packed
 # Device call, with the commit this tree is (the device's copy has no .git; env.json records it):
 #   run(command="CEBENCH_GIT_COMMIT=<git rev-parse HEAD> bash scripts/gpu_session.sh first", carry=[".whl"],

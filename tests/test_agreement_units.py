@@ -575,3 +575,13 @@ def test_the_worst_of_two_per_token_losses_is_named():
     got = ref.loss.clone()
     got[1] *= 1.01
     assert compare({"loss": got}, ref, "float32")[0].worst_row == 1
+
+
+def test_the_upstream_gradient_is_never_exactly_one():
+    """Rounded to bf16, 0.5 + U[0, 1) lands on 1 for some cases (N = 471 among the first 3000); a kernel that
+    ignores its upstream gradient would pass those cases' check. Every entry of every case stays off 1."""
+    for n in range(1, 3001):
+        for reduction in ("mean", "none"):
+            grad = make_grad_output(Case("logits", N=n, V=33, reduction=reduction), "cpu")
+            assert not (grad == 1.0).any(), (n, reduction)
+            assert (grad.to(torch.bfloat16).to(torch.float32) == grad).all()  # exact in bf16

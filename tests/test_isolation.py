@@ -189,7 +189,9 @@ def test_resume_after_sigkill_redoes_only_unfinished_cells(tmp_path):
 def test_resume_refuses_other_arguments(tmp_path):
     proc = cebench_cli("run", "--resume", tmp_path, "--impl", "torch")
     assert proc.returncode == 2
-    assert "--resume takes the run's arguments" in proc.stderr
+    assert "--resume takes the run's arguments" in proc.stderr and "['--impl']" in proc.stderr
+    proc = cebench_cli("run", "--resume", tmp_path, "--no-isolate")  # each one named: not '--plugin' for all
+    assert proc.returncode == 2 and "do not give ['--no-isolate']" in proc.stderr
 
 
 def test_implementations_run_in_the_impl_order_not_the_suites(tmp_path):

@@ -5,6 +5,8 @@ against it, for the same family and dtype:
   the run       its agreement or eval_agreement check failed in any case of that family and dtype
                 (a disagreement with the float64 reference, a write into its inputs against its
                 declaration or in evaluation, or an exception), or it overwrote its inputs while timed;
+                running out of memory or time in a case (oom, timeout) is not held against the others:
+                that case simply has no timing of it;
   conformance   the newest stored table (reports/conformance/*/conformance.csv) whose versions.json
                 matches the run: same device type, and the same version of every library the run
                 recorded (VERSION_KEYS: torch, triton and the peers' packages). cebench's own commit may
