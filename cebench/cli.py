@@ -24,7 +24,7 @@ from cebench.cases import CaseError
 from cebench.probe import run_probe
 from cebench.report.write import write_reports
 from cebench.results import REPO, RunWriter, environment, new_run_id, write_env
-from cebench.runner import run_suite, stderr_log
+from cebench.sweep import run_suite, stderr_log
 
 EXIT_OK, EXIT_IMPL_FAILED, EXIT_USAGE = 0, 1, 2
 # seconds one implementation may spend on one case: on a GPU a cell of the shipped suites takes seconds,

@@ -10,7 +10,7 @@ import torch
 from cebench import distributions, registry, suites
 from cebench.cases import LOGIT_STD, Case, CaseError, _generator, make_inputs
 from cebench.results import RunWriter
-from cebench.runner import run_suite
+from cebench.sweep import run_suite
 
 
 def _logits64(inputs: dict) -> torch.Tensor:

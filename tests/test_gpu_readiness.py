@@ -178,7 +178,7 @@ def test_a_poisoned_cuda_context_keeps_the_failure_row(monkeypatch):
 def test_a_harness_error_is_reported_by_its_exception_not_the_tracebacks_last_line(monkeypatch, tmp_path, impls):
     # a CUDA error's message spans lines and ends in advice ("Compile with TORCH_USE_CUDA_DSA ...");
     # the worker sends the exception on one line and the row's reason carries it
-    from cebench import runner
+    from cebench import sweep
 
     class FakeWorker:
         def __init__(self, *args, **kwargs):
@@ -191,13 +191,13 @@ def test_a_harness_error_is_reported_by_its_exception_not_the_tracebacks_last_li
         def stop(self):
             pass
 
-    monkeypatch.setattr(runner, "Worker", FakeWorker)
+    monkeypatch.setattr(sweep, "Worker", FakeWorker)
     (tmp_path / "one.toml").write_text('name = "one"\ndevice = "cpu"\n[[sweep]]\nfamily = "logits"\nN = [4]\nV = [9]\n'
                                        'modes = ["forward"]\n')
     rows = []
     writer = type("W", (), {"write_row": lambda self, r: rows.append(r), "write_samples": lambda self, k, s: None,
                             "write_cell_time": lambda self, record: None})()
-    runner.run_suite(suites.load(str(tmp_path / "one.toml")), [impls["torch"]], "cpu", writer, "r",
+    sweep.run_suite(suites.load(str(tmp_path / "one.toml")), [impls["torch"]], "cpu", writer, "r",
                      log=lambda *a: None, isolate=True)
     reasons = {r["reason"] for r in rows if r.get("status") == "failed"}
     assert reasons and all("harness error: RuntimeError: CUDA error: illegal access" in r for r in reasons), reasons
