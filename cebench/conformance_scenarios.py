@@ -12,7 +12,8 @@ A scenario is a small Case (fields over BASE) plus how the implementation is cal
                float64 of those inputs, the tolerance that of the autocast dtype
   grads        the inputs that require grad (frozen features); None: every differentiable one
   int_options  options given as Python ints, each passed only if the implementation declares it
-  upstream     "signed": a per-row upstream gradient with negative, zero and positive values
+  upstream     "signed": a per-row upstream gradient with negative, zero and positive values;
+               "ones": exactly 1, what `loss.backward()` gives (the fast path some kernels take)
   split_target the gradient error at the target class is reported apart from the rest of the row
 A scenario applies to the families it names; an implementation that does not declare what
 the case needs (dtype, reduction, option) gets `unsupported` and is never called.
@@ -89,6 +90,7 @@ SCENARIOS = (
     # reductions and upstream gradients
     Scenario("sum", {"reduction": "sum"}),
     Scenario("none", {"reduction": "none"}),
+    Scenario("upstream 1", SMALL, upstream="ones"),
     Scenario("none, signed upstream", {**SMALL, "reduction": "none", "ignore_frac": 0.25}, upstream="signed"),
     # how training and evaluation loops call the loss
     Scenario("autocast bf16", SMALL, autocast="bfloat16"),
@@ -141,7 +143,11 @@ def build(scenario: Scenario, impl: Impl, device: str) -> Built:
         kwargs = {"reduction": case.reduction, "ignore_index": IGNORE_INDEX, **ints}
     else:
         kwargs = impl_kwargs(impl, case)
-    grad_output = _signed_upstream(case, gen, device) if scenario.upstream == "signed" else make_grad_output(case, device)
+    grad_output = make_grad_output(case, device)
+    if scenario.upstream == "signed":
+        grad_output = _signed_upstream(case, gen, device)
+    elif scenario.upstream == "ones":
+        grad_output = torch.ones_like(grad_output)
     return Built(case, inputs, call_inputs, kwargs, grad_output, scenario.grads or differentiable_names(case),
                  scenario.autocast or case.dtype)
 

@@ -13,8 +13,10 @@ A cell (implementation × case) costs, in order:
   reference    the float64 reference and the agreement check, streamed in row chunks: about
                REF_BYTES_PER_LOGIT bytes of float64 traffic per logit (both families), plus, for
                the linear family, five float64 matrix products of 2·N·V·H each (logits, and two
-               gradients each for the exact answer and the dtype's best) at FP64_TFLOPS;
-  check calls  one training call (forward+backward) and one evaluation call;
+               gradients each for the exact answer and the dtype's best) at FP64_TFLOPS; the second
+               training call is checked again, all of it but the loss (SECOND_CHECK_SHARE);
+  check calls  two training calls (forward+backward: the check's upstream gradient, then the
+               timed one) and one evaluation call;
   per mode     one call for the peak memory, then the timing (cebench.measure): a routing call,
                then do_bench's own 1 + 5 calls to estimate, warm-up and repeats, or, for a call
                too slow for min_repeats of them in `rep`, a per-call loop without do_bench;
@@ -41,6 +43,7 @@ GPUS = {
     "h200": {"gbps": 4300.0, "bf16_tflops": 780.0, "fp64_tflops": 50.0},  # device notes: copy 4.3 TB/s, 769-798
 }
 REF_BYTES_PER_LOGIT = 500.0  # ~30 float64 passes of read + write per logit: reference, rounding, sums (counted)
+SECOND_CHECK_SHARE = 0.9  # the second call's check: every pass but the loss's (the loss and lse are shared; guess)
 WORKER_START_S = 3.0  # a worker process with a CUDA context and its implementation's imports (guess)
 COMPILE_S = {"torch_compile": 15.0, "cce_torch_compile": 15.0, "quack": 10.0, "quack_linear": 10.0,
              "megatron_vp_fused": 15.0}  # per new shape (guess); Triton kernels: TRITON_JIT_S
@@ -119,8 +122,9 @@ def cell(impl: str, case: Case, modes, plan: TimingPlan, gpu: dict) -> CellEstim
              "reference": logits * REF_BYTES_PER_LOGIT / (gpu["gbps"] * 1e9)}
     if case.family.endswith("linear"):
         parts["reference"] += 5 * 2 * case.N * case.V * case.H / (gpu["fp64_tflops"] * 1e12)
+    parts["reference"] *= 1 + SECOND_CHECK_SHARE
     train, evaluation = call_ms(impl, case, "forward+backward", gpu), call_ms(impl, case, "eval", gpu)
-    parts["check calls"] = (train + evaluation) / 1e3
+    parts["check calls"] = (2 * train + evaluation) / 1e3
     timed = 0.0
     for mode in modes:
         t = call_ms(impl, case, mode, gpu)

@@ -42,7 +42,8 @@ class TimingPlan:
     cuda_rep_ms: float = 100.0
     # the upstream gradient of the timed backward: "ones", what `loss.backward()` on a mean or sum
     # loss gives in training (kernels may skip their scaling then, and users get that), or "random",
-    # the agreement check's (which always uses a random one, so a kernel ignoring it fails)
+    # the agreement check's (whose first call always uses a random one, so a kernel ignoring it fails;
+    # its second call uses this one, so the path timed is a path checked: cebench.runner)
     upstream_grad: str = "ones"
 
     def timed_grad(self, check_grad: torch.Tensor) -> torch.Tensor:

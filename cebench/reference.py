@@ -167,6 +167,13 @@ class Reference(Mapping):
         other = self.inputs["weight" if name == "hidden" else "hidden"].double()
         return factor * float(other.square().sum(dim=1).mean().sqrt()) if other.numel() else 0.0
 
+    def with_upstream(self, grad_output: torch.Tensor) -> Reference:
+        """The same reference for another upstream gradient: the loss and log-sum-exp (which do not depend on
+        it) are shared; the gradients are computed anew, so their rounded yardsticks are exact for it too."""
+        other = Reference(self.case, self.inputs, grad_output, self.chunk_elements)
+        other._loss, other._lse = self._loss, self._lse
+        return other
+
     def release(self) -> None:
         """Drop the cached float64 gradients (the linear family's); they are recomputed if asked for again."""
         self._linear_grads = None

@@ -178,22 +178,26 @@ class CellRunner:
         return rows, True
 
     def _agreement_rows(self) -> tuple[list[dict], bool]:
+        """Two training calls on the same fresh copies: the first with the check's random upstream gradient
+        (a kernel that ignores it fails), the second with the one the timing uses (ones by default, what
+        `loss.backward()` on a mean loss gives: the fast path some kernels take is the one timed, so it is
+        the one checked), which also catches a kernel right only on its first call (stale workspaces)."""
         inputs = fresh_inputs(self.pristine, self.case)
         try:
-            loss = call(self.impl, self.case, inputs)
-            _backward(loss, self.grad_output)
+            agreements = self._training_call(inputs, self.grad_output, self.ref)
         except Exception as exc:
             self.trusted = False
             return [self.row("check", "agreement", _failure_status(exc), unit="bool", reason=_describe(exc))], False
-        outputs = {"loss": loss.detach(), **{n: inputs[n].grad for n in differentiable_names(self.case)}}
-        agreements = compare(outputs, self.ref, self.case.dtype)
-        del outputs, loss
-        self.trusted = all(a.ok for a in agreements) and not self.interpreted
         rows = [row for a in agreements for row in self._agreement_values(a)]
         ok = all(a.ok for a in agreements)
         worst = max(agreements, key=_badness)
         reason = ("agrees: " if ok else "DISAGREES with float64 reference: ") + worst.describe()
         mutated = mutated_inputs(inputs, self.pristine)
+        if ok:
+            ok, second = self._second_call(inputs)
+            reason = reason + second if ok else second
+            mutated = sorted({*mutated, *mutated_inputs(inputs, self.pristine)})
+        self.trusted = ok and not self.interpreted
         lied = bool(mutated) and not self.impl.mutates_inputs
         if lied:  # its timing loops reuse inputs it has overwritten: they measure something else
             self.trusted = False
@@ -203,6 +207,32 @@ class CellRunner:
         rows.append(self.row("check", "mutates_input", unit="bool", value=float(bool(mutated)),
                              reason=("mutated: " + ", ".join(mutated)) if mutated else ""))
         return rows, True
+
+    def _training_call(self, inputs, grad_output, ref) -> list:
+        """One forward and backward with `grad_output` upstream, judged against `ref`."""
+        loss = call(self.impl, self.case, inputs)
+        _backward(loss, grad_output)
+        outputs = {"loss": loss.detach(), **{n: inputs[n].grad for n in differentiable_names(self.case)}}
+        return compare(outputs, ref, self.case.dtype)
+
+    def _second_call(self, inputs) -> tuple[bool, str]:
+        """(agrees, what to add to the reason): the second training call, at the timed upstream gradient."""
+        timed = self.plan.timed_grad(self.grad_output)
+        what = "upstream 1" if self.plan.upstream_grad == "ones" else "the same upstream"
+        self.ref.release()  # the linear family's float64 gradients: the second reference makes its own
+        self.ref = self.ref.with_upstream(timed)
+        with torch.no_grad():  # a kernel that writes its gradient into its inputs (declared) gets them back
+            for name, tensor in inputs.items():
+                tensor.copy_(self.pristine[name])
+                tensor.grad = None
+        try:
+            agreements = self._training_call(inputs, timed, self.ref)
+        except Exception as exc:
+            return False, f"the second call ({what}) raised: {_describe(exc)}"
+        if all(a.ok for a in agreements):
+            return True, f"; a second call at {what} agrees too"
+        worst = max(agreements, key=_badness)
+        return False, f"DISAGREES with float64 reference on a second call at {what} (the first agreed): {worst.describe()}"
 
     def _agreement_values(self, a) -> list[dict]:
         """The figures of one agreement: errors, and the accuracy against what the dtype allows."""

@@ -26,7 +26,7 @@ STATUSES = {"agrees", "differs", "unsupported", "error", "n/a", "rejects", "cras
 BUILTINS = ("torch", "naive_softmax", "manual_logsoftmax", "linear_torch")
 NEW = ["N=0 mean", "N=0 sum", "N=0 none", "target p≈1 bf16", "target p≈1 fp16", "target p≈0 bf16", "target p≈0 fp16",
        "label smoothing 1.0", "smoothing + ignored", "z-loss none", "softcap 1, V=33", "softcap 3, V=1000",
-       "softcap 5, V=50257", "int options 0", "int options whole", "none, signed upstream", "autocast bf16",
+       "softcap 5, V=50257", "int options 0", "int options whole", "none, signed upstream", "upstream 1", "autocast bf16",
        "autocast fp16", "grad: weight only", "grad: hidden only", "backward twice", "eval: no_grad",
        "eval: no requires_grad"]
 # planted implementation -> the scenarios that must catch it (and no other may)
@@ -43,6 +43,7 @@ PLANTS = {
     "conf_smoothing_ignored": {"smoothing + ignored"},
     "conf_zloss_none": {"z-loss none"},
     "conf_upstream_positive": {"none, signed upstream"},
+    "bug_ones_fast_path": {"upstream 1"},
     "conf_smoothing_below_one": {"label smoothing 1.0"},
     "conf_confident_rounding": {"target p≈1 bf16", "target p≈1 fp16"},
 }

@@ -24,6 +24,10 @@ BUGS = {  # implementation -> text its agreement row's reason must contain
     "bug_ignored_as_zero": "DISAGREES",
     "bug_nan_row": "DISAGREES",
     "bug_mutation_lie": "mutated its inputs although declared mutates_inputs=False",
+    # right at the check's random upstream gradient: caught by the second call, at the timed upstream of 1
+    "bug_ones_fast_path": "DISAGREES with float64 reference on a second call at upstream 1",
+    # right on its first call only: caught by the second call
+    "bug_stale_workspace": "DISAGREES with float64 reference on a second call at upstream 1",
 }
 GOOD = ("torch", "manual_logsoftmax")
 SUITE = """

@@ -218,6 +218,35 @@ def no_comm(logits, targets, *, reduction="mean", ignore_index=-100, vocab_start
     valid = (targets >= vocab_start) & (targets < vocab_start + logits.shape[1])
     local = torch.where(valid, targets - vocab_start, ignore_index)
     return torch.nn.functional.cross_entropy(logits, local, ignore_index=ignore_index)
+
+class _MeanSkipsAtOne(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, total, n):
+        ctx.n = n
+        return total / n
+
+    @staticmethod
+    def backward(ctx, grad):
+        return (grad if float(grad) == 1.0 else grad / ctx.n), None  # the fast path forgets the mean's 1/n
+
+def _global(t, op, group):
+    total = t.detach().clone()
+    dist.all_reduce(total, op=op, group=group)
+    return t + (total - t.detach())
+
+@cebench.register(name="vp_ones_fast_path", family="vocab_parallel", reductions=("mean",))
+def ones_fast_path(logits, targets, *, reduction="mean", ignore_index=-100, vocab_start=0, group=None):
+    """Right at any upstream gradient but exactly 1: the one loss.backward() gives and the timing uses."""
+    x = logits.float()
+    row_max = _global(x.detach().amax(dim=1), dist.ReduceOp.MAX, group)
+    sum_exp = _global((x - row_max[:, None]).exp().sum(dim=1), dist.ReduceOp.SUM, group)
+    local = targets - vocab_start
+    hit = (targets != ignore_index) & (local >= 0) & (local < x.shape[1])
+    picked = _global(torch.where(hit, x.gather(1, torch.where(hit, local, 0)[:, None]).squeeze(1), 0.0),
+                     dist.ReduceOp.SUM, group)
+    valid = targets != ignore_index
+    rows = torch.where(valid, row_max + sum_exp.log() - picked, 0.0)
+    return _MeanSkipsAtOne.apply(rows.sum(), valid.sum()).to(logits.dtype)
 '''
 
 
@@ -238,7 +267,8 @@ def two_ranks(tmp_path_factory):
                            "--suite", str(_write_suite(tmp / "suite.toml")), "--plugin", str(plugin),
                            "--plugin", str(REPO / "tests" / "plugins" / "vp_reduce_hidden.py"),
                            "--plugin", str(REPO / "tests" / "plugins" / "vp_record_upstream.py"),
-                           "--impl", ",".join(("vp_raises_on_rank1", "vp_no_comm", "vp_reduce_hidden", *GOOD,
+                           "--impl", ",".join(("vp_raises_on_rank1", "vp_no_comm", "vp_reduce_hidden", "vp_ones_fast_path",
+                                               *GOOD,
                                                "vp_record_upstream", "torch"))],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     run_dir = Path(proc.stdout.strip().splitlines()[-1]) if proc.stdout.strip() else None
@@ -246,8 +276,9 @@ def two_ranks(tmp_path_factory):
 
 
 def test_ranks_time_the_backward_with_the_upstream_gradient_training_gives(two_ranks):
-    """The agreement check hands the backward its random upstream gradient; every timed call gets ones, as
-    loss.backward() gives a mean loss, on every rank, and the rows say so (they used to get the random one)."""
+    """The agreement check hands the backward its random upstream gradient, then checks a second call at ones; every
+    timed call gets ones, as loss.backward() gives a mean loss, on every rank, and the rows say so (they used to
+    get the random one)."""
     proc, rows = two_ranks
     assert rows is not None, proc.stderr[-3000:]
     lines = [line.split() for line in (RECORDED["path"].read_text().splitlines())]
@@ -293,6 +324,15 @@ def test_every_rank_is_checked_not_only_rank_0(two_ranks):
     assert row["status"] == "failed" and "DISAGREES" in row["reason"], row["reason"]
     assert "hidden wrong on rank 1 (worst rank 1" in row["reason"]  # rank 0's copy is right
     assert any("vp_reduce_hidden" in line for line in proc.stderr.splitlines() if "PROBLEM" in line)
+
+
+def test_the_timed_upstream_gradient_is_checked_on_every_rank(two_ranks):
+    """Planted: a backward right at every upstream gradient but 1. The check's random one passes it; the second call,
+    at the ones the timing uses, does not."""
+    _, rows = two_ranks
+    row = rows[(rows.metric == "agreement") & (rows.impl == "vp_ones_fast_path") & (rows.ignore_frac < 1)].iloc[0]
+    assert row["status"] == "failed", row["reason"]
+    assert "DISAGREES" in row["reason"] and "on a second call at upstream 1 (the first agreed)" in row["reason"]
 
 
 def test_all_ignored_mean_agrees_across_ranks(two_ranks):
