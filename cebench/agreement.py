@@ -12,11 +12,12 @@ float32 arithmetic (FP32_FLOOR, relative), since every kernel computes in at mos
                 not a false alarm). A norm over N rows hides one wrong row (it shows as
                 ~1/√N); this does not. A row whose reference is exactly zero (an ignored
                 target) must come back as (almost) zero.
-  loss          element by element, in rounding steps of the dtype the loss is returned in
-                (or of the precision the case is computed in, when that is coarser):
+  loss          element by element, in rounding steps of the precision the case is computed in
+                (its dtype; the autocast dtype under autocast), whatever dtype it is returned in:
                 |got − ref| / (½ ulp(ref) + float32 arithmetic), so 1 is "correctly rounded".
-                A scalar loss cannot carry more than its dtype holds; the rule allows one ulp
-                and nothing more.
+                A float32 loss in a bf16 case is held to one bf16 step, as a bf16 one is; a loss
+                returned coarser than the case (bf16 for float32 logits) cannot carry what the
+                caller asked for and fails, the reason naming its dtype.
 
 An agreement is ok when accuracy ≤ GRAD_LIMIT and row accuracy ≤ ROW_LIMIT (gradients), or
 the loss is within LOSS_LIMIT half-ulps (one ulp). The limits sit between what the
@@ -42,7 +43,7 @@ ROW_LIMIT = 16.0
 BIAS_LIMIT = 2.0  # mean signed error, in half-ulps
 TARGET_LIMIT = 2.5  # target-class entries: in unit roundoffs (a correct kernel rounds once: <= 1; twice: <= 2)
 BIAS_T = 6.0  # and significant: |t| above this
-LOSS_LIMIT = 2.0  # in half-ulps of the returned dtype: one rounding step
+LOSS_LIMIT = 2.0  # in half-ulps of the case's precision: one rounding step
 _MANTISSA = {torch.float64: 52, torch.float32: 23, torch.bfloat16: 7, torch.float16: 10}
 _PRECISION = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -62,6 +63,7 @@ class Agreement:
     bias_t: float = 0.0  # its t-statistic: a bias counts only when significant
     target_accuracy: float = 0.0  # logits: the target-class entries' error in unit roundoffs of the dtype
     target_rel_err: float | None = None  # logits: their plain relative error (reported apart from the rest)
+    note: str = ""  # loss: why it was judged as it was, when that is not plain (returned coarser than the case)
 
     @property
     def tolerance(self) -> float:
@@ -81,7 +83,7 @@ class Agreement:
         if self.quantity == "loss" or self.quantity.startswith("loss "):
             where = f" (row {self.worst_row})" if self.worst_row is not None else ""
             return (f"{self.quantity}: {self.accuracy:.3g} half-ulps{where} {verdict} {self.limit:g} "
-                    f"(rel {self.rel_err:.2e}, max abs {self.max_abs_err:.2e})")
+                    f"(rel {self.rel_err:.2e}, max abs {self.max_abs_err:.2e}){self.note}")
         return (f"{self.quantity}: accuracy {self.accuracy:.3g}x the dtype's best, worst row {self.worst_row} "
                 f"{self.row_accuracy:.3g}x, bias {self.bias:+.2f} half-ulps (t {self.bias_t:+.1f}){self._target()} "
                 f"{verdict} limits {self.limit:g}x/{self.row_limit:g}x/±{BIAS_LIMIT:g}"
@@ -148,9 +150,12 @@ def _loss_agreement(got: torch.Tensor, ref, prec: torch.dtype) -> Agreement:
     expected = ref.loss.to(got.device)
     if got.shape != expected.shape:
         return failed("loss", f"shape {tuple(got.shape)} != {tuple(expected.shape)}")
-    judged = _coarser(got.dtype, prec) if got.dtype in _MANTISSA else prec
+    # judged in the case's precision: a float32 loss of a bf16 case gets no more than a bf16 one, and a loss
+    # returned coarser than the case (bf16 for float32 logits) is held to what the caller asked for
+    coarse = got.dtype in _MANTISSA and _MANTISSA[got.dtype] < _MANTISSA[prec]
+    note = f"; returned in {got.dtype}, coarser than the case's {prec}" if coarse else ""
     diff = _difference(got.double(), expected).abs()
-    allowed = half_ulp(torch.nan_to_num(expected, nan=0.0), judged) + FP32_FLOOR * _loss_scale(ref, expected)
+    allowed = half_ulp(torch.nan_to_num(expected, nan=0.0), prec) + FP32_FLOOR * _loss_scale(ref, expected)
     ratio = diff / allowed
     worst = int(ratio.argmax()) if ratio.numel() > 1 else None
     norm = float(torch.nan_to_num(expected, nan=0.0).norm())
@@ -159,7 +164,7 @@ def _loss_agreement(got: torch.Tensor, ref, prec: torch.dtype) -> Agreement:
     accuracy = float(ratio.max()) if ratio.numel() else 0.0
     best = float(allowed.norm()) / norm if norm > 0 else float(allowed.norm())
     return Agreement("loss", float(diff.max()) if diff.numel() else 0.0, rel, best, accuracy, accuracy, worst,
-                     LOSS_LIMIT, LOSS_LIMIT)
+                     LOSS_LIMIT, LOSS_LIMIT, note=note)
 
 
 def _loss_scale(ref, expected: torch.Tensor) -> torch.Tensor:

@@ -176,16 +176,20 @@ def test_loss_worst_row_is_named():
     assert verdict.worst_row == 3 and verdict.accuracy == pytest.approx(4.0)
 
 
-def test_loss_is_judged_in_the_coarser_of_its_dtype_and_the_case_precision():
+def test_loss_is_judged_in_the_case_precision_whatever_dtype_it_comes_back_in():
     case = Case("logits", N=4, V=30, dtype="float32")
     ref = _ref(case)
     step = half_ulp(ref.loss, torch.bfloat16)
     fp32_loss = compare({"loss": (ref.loss + step).float()}, ref, "float32")[0]
     assert not fp32_loss.ok  # in float32, half a bf16 ulp is far too much
     bf16_case = compare({"loss": (ref.loss + step).float()}, ref, "bfloat16")[0]
-    bf16_loss = compare({"loss": ref.loss.to(torch.bfloat16)}, ref, "float32")[0]
-    assert bf16_case.ok and bf16_loss.ok  # a bf16 case, or a loss returned in bf16: judged in bf16
+    assert bf16_case.ok  # a float32 loss of a bf16 case: one bf16 step, as a bf16 loss gets
+    assert compare({"loss": ref.loss.to(torch.bfloat16)}, ref, "bfloat16")[0].ok
     assert compare({"loss": ref.loss.to(torch.bfloat16)}, ref, "autocast-bfloat16")[0].ok
+    # float32 logits, a bf16 loss: it cannot carry what the caller asked for, and the reason says why
+    coarse = compare({"loss": ref.loss.to(torch.bfloat16)}, ref, "float32")[0]
+    assert not coarse.ok and "returned in torch.bfloat16, coarser than the case's torch.float32" in coarse.describe()
+    assert "coarser" not in fp32_loss.describe()
 
 
 def test_nan_loss_agrees_only_with_a_nan_reference():

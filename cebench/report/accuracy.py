@@ -25,7 +25,7 @@ LOOSE_ABOVE = 1.1  # a figure above this (10 % more error than one rounding), wi
 RULE = (f"Accuracy figure: the error of the result ÷ the error of the exact (float64) answer rounded to the dtype, "
         f"which is the best any implementation returning that dtype can do (floored by float32 arithmetic, so "
         f"float32 figures sit far below 1). 1 = as accurate as the dtype allows. The loss is judged element by "
-        f"element in half-ulps of the dtype it is returned in, or of the case's dtype where that is coarser "
+        f"element in half-ulps of the case's dtype, whatever dtype it is returned in "
         f"(1 = correctly rounded; limit {LOSS_LIMIT:g}, one "
         f"rounding step); a gradient by its norm (limit {GRAD_LIMIT:g}×), its worst row (limit {ROW_LIMIT:g}×), "
         f"its mean signed error (limit ±{BIAS_LIMIT:g} half-ulps, when significant) and, for the logits, the "
