@@ -40,8 +40,8 @@ def _run_cell(case, modes, plan=PLAN):
 def test_timed_backward_gets_ones_and_the_check_a_random_gradient():
     runner, rows, grad_output = _run_cell(Case("logits", N=16, V=33), ("forward+backward",))
     grads = [c["backward_grad"] for c in RECORD.CALLS if "backward_grad" in c]
-    assert float(grads[0]) == float(grad_output) != 1.0  # the agreement call: random, never 1
-    assert len(grads) > 2 and all(float(g) == 1.0 for g in grads[1:])  # every timed call: 1, as loss.backward()
+    assert float(grads[0]) == float(grad_output) != 1.0  # the agreement's first call: random, never 1
+    assert len(grads) > 2 and all(float(g) == 1.0 for g in grads[1:])  # its second and every timed call: 1
     assert {r["upstream_grad"] for r in rows} == {"ones"}
 
 
@@ -55,9 +55,10 @@ def test_random_upstream_gradient_when_the_suite_asks():
 
 def test_eval_mode_is_the_loss_alone_under_no_grad():
     _, rows, _ = _run_cell(Case("logits", N=16, V=33), ("eval",))
-    timed = [c for c in RECORD.CALLS if "grad_enabled" in c][2:]  # after the agreement and the eval check
+    # after the agreement's two training calls and the eval check
+    timed = [c for c in RECORD.CALLS if "grad_enabled" in c][3:]
     assert timed and all(not c["grad_enabled"] and not c["requires_grad"] for c in timed)
-    assert not any("backward_grad" in c for c in RECORD.CALLS[2:])
+    assert not any("backward_grad" in c for c in RECORD.CALLS[4:])
     eval_check = [r for r in rows if r["metric"] == "eval_agreement"]
     assert len(eval_check) == 1 and eval_check[0]["status"] == "ok"
     assert [r["status"] for r in rows if r["metric"] == "time"] == ["ok"]

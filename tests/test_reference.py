@@ -165,6 +165,27 @@ def test_linear_gradients_are_cached_until_released():
     torch.testing.assert_close(ref["weight"], first["weight"], rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("case", [Case("logits", N=6, V=11, reduction="mean", ignore_frac=0.3, dtype="bfloat16"),
+                                  Case("linear", N=6, V=13, H=5, reduction="none", dtype="bfloat16")],
+                         ids=lambda c: c.family)
+def test_the_reference_at_another_upstream_gradient(case):
+    """The second agreement call's reference: the same loss and statistics, object for object (computed once); the
+    gradients of the new upstream gradient, exact and rounded, as a reference made for it from scratch gives."""
+    ref, inputs = _ref(case, chunk_elements=2 * case.V)
+    loss, lse = ref.loss, ref.lse
+    ones = torch.ones_like(make_grad_output(case, "cpu"))
+    other = ref.with_upstream(ones)
+    fresh = reference(case, inputs, ones, chunk_elements=2 * case.V)
+    assert other.loss is loss and other.lse is lse and other.chunk_elements == ref.chunk_elements
+    assert other.upstream == fresh.upstream and torch.equal(other.row_scale, fresh.row_scale)
+    for name in other.names[1:]:
+        got, want = list(other.grad_rows(name, best=torch.bfloat16)), list(fresh.grad_rows(name, best=torch.bfloat16))
+        assert [sl for sl, _, _ in got] == [sl for sl, _, _ in want]
+        for (_, grad, best), (_, grad_w, best_w) in zip(got, want, strict=True):
+            assert torch.equal(grad, grad_w) and torch.equal(best, best_w)
+        assert not torch.equal(other[name], ref[name])  # the upstream gradient is not the check's
+
+
 def test_unknown_gradient_name_is_a_key_error():
     ref, _ = _ref(Case("logits", N=2, V=3))
     with pytest.raises(KeyError, match=r"no gradient 'hidden' for the logits family \(has \('logits',\)\)"):
