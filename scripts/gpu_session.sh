@@ -2,7 +2,8 @@
 # One call on a lent GPU machine (the device tool): everything a short slot should do, in order, with every
 # result written under $OUT as it comes and packed into ONE archive at the end (only 8 files come back).
 #
-#   bash scripts/gpu_session.sh first    # peers + smoke on CUDA + gpu-headline (ours, torch, compile, Liger, CCE)
+#   bash scripts/gpu_session.sh first    # peers + smoke on CUDA + gpu-headline (ours, torch, compile, Liger, CCE),
+#                                        # then the options suite if time is left
 #   bash scripts/gpu_session.sh second   # QuACK's cells of gpu-headline (carry the quack wheels)
 #   DEADLINE_S=540 bash scripts/gpu_session.sh first  # seconds after which the headline is stopped and packed
 # Device call, with the commit this tree is (the device's copy has no .git; env.json records it):
@@ -82,6 +83,17 @@ fi
 wait $PID 2>/dev/null; log "headline exit $?"
 # the tuning table travels with the run it chose the config for (committed with results/<run>/)
 for d in "$W"/runs/*-gpu-headline-*/; do [ -f "$W/logs/tune.json" ] && cp "$W/logs/tune.json" "$d"; done
+
+# time left after the headline: the options (label smoothing, z-loss, softcap) on the peers' CUDA paths, which
+# nothing else checks on a GPU (~1 min modelled); stopped in time to pack (timeout signals its whole process group:
+# the forkserver and workers too)
+LEFT_S=$((DEADLINE_S - SECONDS - 15))
+if [[ $STAGE == first ]] && (( LEFT_S >= 60 )); then
+  log "options (${LEFT_S}s left)"
+  OPTION_IMPLS=${SMOKE_IMPLS/naive_softmax,/}
+  timeout -k 5 "$LEFT_S" python3 -m cebench run --suite options --device cuda --impl "$OPTION_IMPLS" \
+    --out "$W/runs" --no-report > "$W/logs/options.log" 2>&1; log "options exit $?"
+fi
 
 log "pack"; pack
 ls -la "$OUT"
