@@ -1,8 +1,8 @@
 """Test plugin for --resume: PyTorch's cross-entropy, which can block at a known point of a run.
 
-While the environment variable CEBENCH_TEST_BLOCK names a file, the third call at N=24 (the
-second cell of tests/test_isolation.py's resume suite: its agreement and evaluation calls are
-done and their rows written, its timed mode has begun) writes that file and then blocks, so the
+While the environment variable CEBENCH_TEST_BLOCK names a file, the fourth call at N=24 (the
+second cell of tests/test_isolation.py's resume suite: its two agreement calls and its evaluation
+call are done and their rows written, its timed mode has begun) writes that file and then blocks, so the
 test kills the run exactly there: one cell finished, one half written, one not started. The
 resumed run is started without the variable and does not block.
 """
@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 import cebench
 
-BLOCK_AT = (24, 3)  # (N, call number)
+BLOCK_AT = (24, 4)  # (N, call number): after the check's three calls
 _calls: dict[int, int] = {}
 
 
