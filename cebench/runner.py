@@ -193,17 +193,18 @@ class CellRunner:
         worst = max(agreements, key=_badness)
         reason = ("agrees: " if ok else "DISAGREES with float64 reference: ") + worst.describe()
         mutated = mutated_inputs(inputs, self.pristine)
+        status = "ok" if ok else "failed"
         if ok:
-            ok, second = self._second_call(inputs)
+            status, second = self._second_call(inputs)
+            ok = status == "ok"
             reason = reason + second if ok else second
             mutated = sorted({*mutated, *mutated_inputs(inputs, self.pristine)})
         self.trusted = ok and not self.interpreted
         lied = bool(mutated) and not self.impl.mutates_inputs
         if lied:  # its timing loops reuse inputs it has overwritten: they measure something else
-            self.trusted = False
+            self.trusted, status = False, "failed"
             reason = f"{MUTATION_LIE} (mutated: {', '.join(mutated)}); {reason}"
-        rows.append(self.row("check", "agreement", "ok" if ok and not lied else "failed", unit="bool",
-                             value=float(ok and not lied), reason=reason))
+        rows.append(self.row("check", "agreement", status, unit="bool", value=float(ok and not lied), reason=reason))
         rows.append(self.row("check", "mutates_input", unit="bool", value=float(bool(mutated)),
                              reason=("mutated: " + ", ".join(mutated)) if mutated else ""))
         return rows, True
@@ -215,8 +216,9 @@ class CellRunner:
         outputs = {"loss": loss.detach(), **{n: inputs[n].grad for n in differentiable_names(self.case)}}
         return compare(outputs, ref, self.case.dtype)
 
-    def _second_call(self, inputs) -> tuple[bool, str]:
-        """(agrees, what to add to the reason): the second training call, at the timed upstream gradient."""
+    def _second_call(self, inputs) -> tuple[str, str]:
+        """(status, what to add to the reason): the second training call, at the timed upstream gradient; an
+        out-of-memory there is an `oom` row, as in the first."""
         timed = self.plan.timed_grad(self.grad_output)
         what = "upstream 1" if self.plan.upstream_grad == "ones" else "the same upstream"
         self.ref.release()  # the linear family's float64 gradients: the second reference makes its own
@@ -228,11 +230,12 @@ class CellRunner:
         try:
             agreements = self._training_call(inputs, timed, self.ref)
         except Exception as exc:
-            return False, f"the second call ({what}) raised: {_describe(exc)}"
+            return _failure_status(exc), f"the second call ({what}) raised: {_describe(exc)}"
         if all(a.ok for a in agreements):
-            return True, f"; a second call at {what} agrees too"
+            return "ok", f"; a second call at {what} agrees too"
         worst = max(agreements, key=_badness)
-        return False, f"DISAGREES with float64 reference on a second call at {what} (the first agreed): {worst.describe()}"
+        return "failed", (f"DISAGREES with float64 reference on a second call at {what} (the first agreed): "
+                          f"{worst.describe()}")
 
     def _agreement_values(self, a) -> list[dict]:
         """The figures of one agreement: errors, and the accuracy against what the dtype allows."""

@@ -202,3 +202,17 @@ def test_a_harness_error_is_reported_by_its_exception_not_the_tracebacks_last_li
                      log=lambda *a: None, isolate=True)
     reasons = {r["reason"] for r in rows if r.get("status") == "failed"}
     assert reasons and all("harness error: RuntimeError: CUDA error: illegal access" in r for r in reasons), reasons
+
+
+def test_out_of_memory_in_the_checks_second_call_is_an_oom_row():
+    """The second agreement call (at the timed upstream gradient) can run out of memory where the first did not:
+    that is an `oom` row, which does not exclude the implementation as a failure would (cebench/report/trust.py)."""
+    load_file(ROOT / "tests" / "plugins" / "oom.py")
+    sys.modules["cebench_plugin_oom"]._calls["n"] = 0
+    case = Case("logits", N=16, V=33)
+    pristine, ref, grad_output = case_data(case, "cpu")
+    rows = list(CellRunner(registry()["oom_second_call"], case, ("forward",), "cpu", PLAN, pristine, ref, grad_output,
+                           lambda key, samples: None).rows())
+    check = next(r for r in rows if r["metric"] == "agreement")
+    assert check["status"] == "oom", check
+    assert check["reason"].startswith("the second call (upstream 1) raised: OutOfMemoryError"), check["reason"]

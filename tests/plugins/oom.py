@@ -13,3 +13,15 @@ def oom_torch(logits, targets, *, reduction="mean", ignore_index=-100):
 @cebench.register(name="oom_host", family="logits", description="raises MemoryError")
 def oom_host(logits, targets, *, reduction="mean", ignore_index=-100):
     raise MemoryError("planted: host allocation failed")
+
+
+_calls = {"n": 0}
+
+
+@cebench.register(name="oom_second_call", family="logits",
+                  description="agrees on its first call, then runs out of memory (the check's second call)")
+def oom_second_call(logits, targets, *, reduction="mean", ignore_index=-100):
+    _calls["n"] += 1
+    if _calls["n"] > 1:
+        raise torch.OutOfMemoryError("planted: CUDA out of memory on the second call")
+    return torch.nn.functional.cross_entropy(logits, targets, reduction=reduction, ignore_index=ignore_index)
