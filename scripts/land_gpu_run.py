@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import subprocess
 import sys
 import tarfile
 import tempfile
@@ -132,6 +133,14 @@ def completeness(run_dir: Path) -> str:
             + time_to_finish(run_dir, *plan, missing))
 
 
+def travel_light_on() -> bool:
+    """Whether scripts/travel_light.sh has taken results/ and reports/ out of git for a device call: landed runs
+    would then be ignored by git (and `git add -A` would record the committed ones' deletion)."""
+    status = subprocess.run(["bash", str(ROOT / "scripts" / "travel_light.sh"), "status"], cwd=ROOT,
+                            capture_output=True, text=True)
+    return status.returncode == 0 and status.stdout.strip() == "on"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("archive", type=Path, help="results.tar.xz as scripts/gpu_session.sh packed it")
@@ -139,6 +148,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-report", action="store_true", help="land the runs only")
     args = parser.parse_args(argv)
     from cebench.report.write import write_reports
+
+    if travel_light_on():
+        print("land_gpu_run: travel-light is on (results/ and reports/ are out of git): run "
+              "`scripts/travel_light.sh off` first", file=sys.stderr)
+        return 2
 
     with tempfile.TemporaryDirectory() as tmp:
         try:

@@ -7,7 +7,8 @@
 # first: Liger-Kernel, Cut Cross-Entropy, Megatron-Core (small: a few MB).
 # quack: QuACK and the CuTe DSL it needs. nvidia-cutlass-dsl-libs-cu13 alone is a 92 MB wheel: it is
 #        unzipped and packed as cutlass-libs-cu13.tar.xz (52 MB with a 256 MiB dictionary; 60 MB with
-#        the default one) to fit a 64 MiB transfer with the rest of the quack wheels (62 MiB in all); unpack
+#        the default one) to fit a 64 MiB transfer with the rest of the quack wheels (58.7 MiB in all on 2026-12-02;
+#        the committed reports must stay behind then: scripts/travel_light.sh); unpack
 #        it into the install target on the machine (scripts/gpu_session.sh does).
 # On the target:  pip install --no-index --no-deps --target SITE DIR/*.whl  (or --find-links DIR), then
 #                 PYTHONPATH=<checkout>:SITE python -m cebench ...   (cebench itself needs no install)
