@@ -195,9 +195,11 @@ class CellRunner:
         mutated = mutated_inputs(inputs, self.pristine)
         status = "ok" if ok else "failed"
         if ok:
-            status, second = self._second_call(inputs)
+            status, second, judged = self._second_call(inputs)
             ok = status == "ok"
             reason = reason + second if ok else second
+            if judged and not ok:  # the figures shown beside a FAIL are the failing call's
+                rows = [row for a in judged for row in self._agreement_values(a)]
             mutated = sorted({*mutated, *mutated_inputs(inputs, self.pristine)})
         self.trusted = ok and not self.interpreted
         lied = bool(mutated) and not self.impl.mutates_inputs
@@ -216,9 +218,9 @@ class CellRunner:
         outputs = {"loss": loss.detach(), **{n: inputs[n].grad for n in differentiable_names(self.case)}}
         return compare(outputs, ref, self.case.dtype)
 
-    def _second_call(self, inputs) -> tuple[str, str]:
-        """(status, what to add to the reason): the second training call, at the timed upstream gradient; an
-        out-of-memory there is an `oom` row, as in the first."""
+    def _second_call(self, inputs) -> tuple[str, str, list]:
+        """(status, what to add to the reason, its agreements): the second training call, at the timed upstream
+        gradient; an out-of-memory there is an `oom` row, as in the first."""
         timed = self.plan.timed_grad(self.grad_output)
         what = "upstream 1" if self.plan.upstream_grad == "ones" else "the same upstream"
         self.ref.release()  # the linear family's float64 gradients: the second reference makes its own
@@ -230,12 +232,12 @@ class CellRunner:
         try:
             agreements = self._training_call(inputs, timed, self.ref)
         except Exception as exc:
-            return _failure_status(exc), f"the second call ({what}) raised: {_describe(exc)}"
+            return _failure_status(exc), f"the second call ({what}) raised: {_describe(exc)}", []
         if all(a.ok for a in agreements):
-            return "ok", f"; a second call at {what} agrees too"
+            return "ok", f"; a second call at {what} agrees too", agreements
         worst = max(agreements, key=_badness)
         return "failed", (f"DISAGREES with float64 reference on a second call at {what} (the first agreed): "
-                          f"{worst.describe()}")
+                          f"{worst.describe()}"), agreements
 
     def _agreement_values(self, a) -> list[dict]:
         """The figures of one agreement: errors, and the accuracy against what the dtype allows."""

@@ -110,3 +110,11 @@ def test_correct_implementations_are_never_flagged(planted_run, impl):
     timed = mine[mine["metric"] == "time"]
     assert set(timed["mode"]) == {"forward", "forward+backward"}
     assert timed["trusted"].astype(str).eq("True").all()
+
+
+@pytest.mark.parametrize("impl", ["bug_ones_fast_path", "bug_stale_workspace"])
+def test_a_second_call_that_fails_shows_its_own_figures(planted_run, impl):
+    """The first call agrees, the second does not: the accuracy figures beside the FAIL are the failing call's."""
+    _, frame = planted_run
+    mine = frame[(frame["impl"] == impl) & (frame["metric"] == "accuracy[logits]")]
+    assert len(mine) == 1 and float(mine.iloc[0]["value"]) > 8, mine.to_dict("records")
