@@ -2,17 +2,19 @@
 
 A cell (cebench.sweep orders the cells of a suite and runs them in workers):
   1. skipped (unavailable) or unsupported rows, when the implementation cannot run it;
-  2. agreement: a call on fresh copies of the pristine inputs, its loss and gradients
-     compared with the float64 reference (computed once per case, on inputs no
-     implementation has touched); the copies are then compared with the pristine inputs
-     to see whether the implementation mutated them;
+  2. agreement: a training call on fresh copies of the pristine inputs with a random
+     upstream gradient, its loss and gradients compared with the float64 reference
+     (computed once per case, on inputs no implementation has touched); if it agrees, a
+     second call on the same copies, restored, with the upstream gradient the timing uses
+     (ones by default), judged again; the copies are compared with the pristine inputs to
+     see whether the implementation mutated them; then an evaluation call (no_grad);
   3. per mode: peak memory (one call on fresh copies), then time (repeated calls).
 Setup stays out of the timed region: each mode is a zero-argument callable built
 beforehand. Backward-mode time excludes the forward: each timed backward gets a fresh
 forward, built untimed just before it. An implementation that disagrees is reported
 loudly and every one of its timings in that case is marked untrusted; so is one that
 overwrote its inputs although it declared mutates_inputs=False (checked after the
-agreement call and after every measured mode).
+agreement calls and after every measured mode).
 """
 from __future__ import annotations
 
