@@ -160,7 +160,7 @@ class CellRunner:
             yield self.row(mode, "time", status, unit="ms", reason=reason)
 
     def _check(self) -> tuple[list[dict], bool]:
-        """The agreement call (training: forward and backward) and the evaluation call, on fresh copies.
+        """The agreement calls (training: forward and backward, twice) and the evaluation call, on fresh copies.
 
         Everything only the check needs (the float64 reference, the call's outputs) is dropped
         before timing starts; an out-of-memory anywhere in here is an `oom` row, never a harness error.
@@ -183,35 +183,48 @@ class CellRunner:
         """Two training calls on the same fresh copies: the first with the check's random upstream gradient
         (a kernel that ignores it fails), the second with the one the timing uses (ones by default, what
         `loss.backward()` on a mean loss gives: the fast path some kernels take is the one timed, so it is
-        the one checked), which also catches a kernel right only on its first call (stale workspaces)."""
+        the one checked), which also catches a kernel right only on its first call (stale workspaces).
+        The figures are each quantity's worse of the two calls; a call that raises ends the cell there."""
         inputs = fresh_inputs(self.pristine, self.case)
+        what = "upstream 1" if self.plan.upstream_grad == "ones" else "the same upstream"
         try:
-            agreements = self._training_call(inputs, self.grad_output, self.ref)
+            judged = self._training_call(inputs, self.grad_output, self.ref)
+            mutated = mutated_inputs(inputs, self.pristine)
+            ok = all(a.ok for a in judged)
+            reason = ("agrees: " if ok else "DISAGREES with float64 reference: ") + max(judged, key=_badness).describe()
         except Exception as exc:
-            self.trusted = False
-            return [self.row("check", "agreement", _failure_status(exc), unit="bool", reason=_describe(exc))], False
-        rows = [row for a in agreements for row in self._agreement_values(a)]
-        ok = all(a.ok for a in agreements)
-        worst = max(agreements, key=_badness)
-        reason = ("agrees: " if ok else "DISAGREES with float64 reference: ") + worst.describe()
-        mutated = mutated_inputs(inputs, self.pristine)
-        status = "ok" if ok else "failed"
+            return self._raised(_describe(exc), exc)
         if ok:
-            status, second, judged = self._second_call(inputs)
-            ok = status == "ok"
-            reason = reason + second if ok else second
-            if judged and not ok:  # the figures shown beside a FAIL are the failing call's
-                rows = [row for a in judged for row in self._agreement_values(a)]
-            mutated = sorted({*mutated, *mutated_inputs(inputs, self.pristine)})
+            try:
+                second = self._second_call(inputs)
+                mutated = sorted({*mutated, *mutated_inputs(inputs, self.pristine)})
+            except Exception as exc:
+                return self._raised(f"the second call ({what}) raised: {_describe(exc)}", exc)
+            ok = all(a.ok for a in second)
+            if ok:
+                judged = [max(pair, key=_badness) for pair in zip(judged, second, strict=True)]
+                reason = f"agrees: {max(judged, key=_badness).describe()}; a second call at {what} agrees too"
+            else:  # the figures beside the FAIL are the failing call's
+                judged = second
+                reason = (f"DISAGREES with float64 reference on a second call at {what} (the first agreed): "
+                          f"{max(second, key=_badness).describe()}")
         self.trusted = ok and not self.interpreted
         lied = bool(mutated) and not self.impl.mutates_inputs
         if lied:  # its timing loops reuse inputs it has overwritten: they measure something else
-            self.trusted, status = False, "failed"
+            self.trusted = False
             reason = f"{MUTATION_LIE} (mutated: {', '.join(mutated)}); {reason}"
-        rows.append(self.row("check", "agreement", status, unit="bool", value=float(ok and not lied), reason=reason))
+        # rows made after the verdict: a row's `trusted` is the cell's as the check left it
+        rows = [row for a in judged for row in self._agreement_values(a)]
+        rows.append(self.row("check", "agreement", "ok" if ok and not lied else "failed", unit="bool",
+                             value=float(ok and not lied), reason=reason))
         rows.append(self.row("check", "mutates_input", unit="bool", value=float(bool(mutated)),
                              reason=("mutated: " + ", ".join(mutated)) if mutated else ""))
         return rows, True
+
+    def _raised(self, reason: str, exc: BaseException) -> tuple[list[dict], bool]:
+        """A check call raised (out of memory: `oom`): its row alone, and the cell ends (no mode is measured)."""
+        self.trusted = False
+        return [self.row("check", "agreement", _failure_status(exc), unit="bool", reason=reason)], False
 
     def _training_call(self, inputs, grad_output, ref) -> list:
         """One forward and backward with `grad_output` upstream, judged against `ref`."""
@@ -220,26 +233,17 @@ class CellRunner:
         outputs = {"loss": loss.detach(), **{n: inputs[n].grad for n in differentiable_names(self.case)}}
         return compare(outputs, ref, self.case.dtype)
 
-    def _second_call(self, inputs) -> tuple[str, str, list]:
-        """(status, what to add to the reason, its agreements): the second training call, at the timed upstream
-        gradient; an out-of-memory there is an `oom` row, as in the first."""
+    def _second_call(self, inputs) -> list:
+        """The second training call, at the timed upstream gradient, on the copies restored: its agreements."""
         timed = self.plan.timed_grad(self.grad_output)
-        what = "upstream 1" if self.plan.upstream_grad == "ones" else "the same upstream"
-        self.ref.release()  # the linear family's float64 gradients: the second reference makes its own
-        self.ref = self.ref.with_upstream(timed)
+        if timed is not self.grad_output:  # ones: a reference of its own (a random timed gradient: the same one)
+            self.ref.release()  # the linear family's float64 gradients: the second reference makes its own
+            self.ref = self.ref.with_upstream(timed)
         with torch.no_grad():  # a kernel that writes its gradient into its inputs (declared) gets them back
             for name, tensor in inputs.items():
                 tensor.copy_(self.pristine[name])
                 tensor.grad = None
-        try:
-            agreements = self._training_call(inputs, timed, self.ref)
-        except Exception as exc:
-            return _failure_status(exc), f"the second call ({what}) raised: {_describe(exc)}", []
-        if all(a.ok for a in agreements):
-            return "ok", f"; a second call at {what} agrees too", agreements
-        worst = max(agreements, key=_badness)
-        return "failed", (f"DISAGREES with float64 reference on a second call at {what} (the first agreed): "
-                          f"{worst.describe()}"), agreements
+        return self._training_call(inputs, timed, self.ref)
 
     def _agreement_values(self, a) -> list[dict]:
         """The figures of one agreement: errors, and the accuracy against what the dtype allows."""

@@ -85,6 +85,7 @@ fi
 wait $PID 2>/dev/null; log "headline exit $?"
 # the tuning table travels with the run it chose the config for (committed with results/<run>/)
 for d in "$W"/runs/*-gpu-headline-*/; do [ -f "$W/logs/tune.json" ] && cp "$W/logs/tune.json" "$d"; done
+pack  # the headline whole, before anything else is tried
 
 # time left after the headline: the options (label smoothing, z-loss, softcap) on the peers' CUDA paths, which
 # nothing else checks on a GPU (~1 min modelled); stopped in time to pack (timeout signals its whole process group:

@@ -216,3 +216,16 @@ def test_out_of_memory_in_the_checks_second_call_is_an_oom_row():
     check = next(r for r in rows if r["metric"] == "agreement")
     assert check["status"] == "oom", check
     assert check["reason"].startswith("the second call (upstream 1) raised: OutOfMemoryError"), check["reason"]
+
+
+def test_the_figures_are_the_worse_of_the_two_calls():
+    """Both calls agree, the timed path (upstream 1) less accurately: the recorded figures are that path's."""
+    load_file(ROOT / "tests" / "plugins" / "ones_path_less_accurate.py")
+    case = Case("logits", N=64, V=257)
+    pristine, ref, grad_output = case_data(case, "cpu")
+    rows = list(CellRunner(registry()["ones_path_less_accurate"], case, ("forward",), "cpu", PLAN, pristine, ref,
+                           grad_output, lambda key, samples: None).rows())
+    by_metric = {r["metric"]: r for r in rows if r["mode"] == "check"}
+    assert by_metric["agreement"]["status"] == "ok" and "a second call at upstream 1 agrees too" in \
+        by_metric["agreement"]["reason"]
+    assert by_metric["accuracy[logits]"]["value"] > 0.1, by_metric["accuracy[logits]"]  # the first call's: ~0.01

@@ -58,6 +58,32 @@ def test_on_leaves_them_behind_and_off_brings_them_back(repo):
     assert _light(repo, "status").stdout.strip() == "off"
 
 
+def test_no_commit_while_it_is_on(repo):
+    """The index holds the deletion of reports/ and results/ meanwhile: a commit would record it. A hook refuses
+    every commit until `off`, which removes the hook and leaves nothing to commit."""
+    _light(repo, "on")
+    (repo / "code.py").write_text("x = 2\n")
+    _git(repo, "add", "code.py")
+    refused = subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "m"], cwd=repo,
+                             capture_output=True, text=True)
+    assert refused.returncode != 0 and "travel_light.sh off" in refused.stderr
+    assert "reports/run/report.md" in _git(repo, "ls-tree", "-r", "--name-only", "HEAD")
+    _git(repo, "reset", "-q", "code.py")
+    assert _light(repo, "off").returncode == 0
+    assert not (repo / ".git/hooks/pre-commit").exists()
+    assert _light(repo, "off").stdout.strip() == "travel-light is already off"
+
+
+def test_an_exclude_file_without_its_last_newline(repo):
+    (repo / ".git/info/exclude").write_text("/.whl/")  # as an editor may leave it
+    _light(repo, "on")
+    assert _light(repo, "status").stdout.strip() == "on"
+    assert "!! reports/" in _git(repo, "status", "--porcelain", "--ignored")
+    _light(repo, "off")
+    assert (repo / ".git/info/exclude").read_text() == "/.whl/\n"
+    assert _git(repo, "status", "--porcelain") == ""
+
+
 def test_on_refuses_while_something_is_staged(repo):
     (repo / "code.py").write_text("x = 2\n")
     _git(repo, "add", "code.py")

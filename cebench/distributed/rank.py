@@ -2,9 +2,11 @@
 
 Every rank builds the full inputs of a case from its seed (deterministic) and keeps its
 vocabulary shard. A cell:
-  1. agreement: one call and backward; every rank checks its own loss, its copy of the hidden
-     gradient and its shard's gradient against its slice of the float64 reference (streamed in
-     row chunks: no rank gathers N x V), and only those small results go to rank 0
+  1. agreement: a call and backward with the check's random upstream gradient, then (if every rank
+     agrees) another on fresh copies with the timed one (ones by default); every rank checks its
+     own loss, its copy of the hidden gradient and its shard's gradient against its slice of the
+     float64 reference (streamed in row chunks: no rank gathers N x V), and only those small
+     results go to rank 0
      (cebench.distributed.check); every rank must return the same loss, NaN equal to NaN;
   2. per mode: peak memory (one call, each rank's own), bytes communicated (one call, the
      collectives' sizes counted, see cebench.distributed.comm), then time. Every rank makes the same
