@@ -9,6 +9,8 @@ logits, loss and gradient returned in the input dtype) and then carries exactly 
   last / middle row zero      one row never written (a tail block or a block boundary skipped)
   last / middle row wrong     one row holding its neighbour's gradient (an off-by-one row index)
   ignored row nonzero         an ignored row's gradient left at p (the mask forgotten in the backward)
+and, apart, the last vocabulary column never written: flagged except in bf16 when no target falls on it (a
+strict known failure: README, "What the check cannot see").
 A norm over the whole tensor hides one wrong row among N (it shows as about 1/sqrt(N)); the shapes at
 N >= 4096 are there to prove that the per-row check does not. The loss value depends on V, not on N, so the
 loss plants sweep every vocabulary of suites/*.toml at a small N. The gradient plants at large V emulate the
@@ -146,6 +148,28 @@ def test_careful_kernel_is_not_flagged(dtype, shape):
     k = careful(_case(shape, dtype))
     failures = [a.describe() for a in judge(k).values() if not a.ok]
     assert not failures
+
+
+def _last_column_dropped(k: Careful):
+    """The last vocabulary column never written (a tail block's mask off by one): p is lost in every row, and the
+    p - 1 of the rows whose target is that column."""
+    grad = k.grad.clone()
+    grad[:, -1] = 0.0
+    return k.loss, grad
+
+
+# a known blind spot (README, "What the check cannot see"): when no target falls on that column (N=256 rows, V=4099)
+# it holds only the p of each row, ~1/V of the row's norm, which bf16's rounding of the rest hides (worst row 12.5x
+# < 16). At N=4096 some row's target is that column and its p - 1 shows. Strict: a check that learns to see it fails
+# this test, and the README's list is then to be updated.
+BLIND = pytest.mark.xfail(strict=True, reason="blind spot: one column without a target, in bf16")
+
+
+@pytest.mark.parametrize("dtype,shape", [pytest.param(d, s, marks=BLIND) if (d, s) == ("bfloat16", "small") else (d, s)
+                                         for d in DTYPES for s in SHAPES])
+def test_one_vocabulary_column_never_written(dtype, shape):
+    verdict = judge(careful(_case(shape, dtype)), _last_column_dropped, names=("logits",))["logits"]
+    assert not verdict.ok, verdict.describe()
 
 
 # -- 2. at every vocabulary of the shipped suites -------------------------------------------------------
