@@ -222,7 +222,8 @@ class CellRunner:
         return rows, True
 
     def _raised(self, reason: str, exc: BaseException) -> tuple[list[dict], bool]:
-        """A check call raised (out of memory: `oom`): its row alone, and the cell ends (no mode is measured)."""
+        """A check call raised (out of memory: `oom`): its row alone, and no evaluation call follows; the modes are
+        still tried, untrusted, as for every cell whose check failed (each one's own status: oom, failed or ok)."""
         self.trusted = False
         return [self.row("check", "agreement", _failure_status(exc), unit="bool", reason=reason)], False
 
