@@ -143,11 +143,12 @@ def build(scenario: Scenario, impl: Impl, device: str) -> Built:
         kwargs = {"reduction": case.reduction, "ignore_index": IGNORE_INDEX, **ints}
     else:
         kwargs = impl_kwargs(impl, case)
-    grad_output = make_grad_output(case, device)
     if scenario.upstream == "signed":
         grad_output = _signed_upstream(case, gen, device)
-    elif scenario.upstream == "ones":
-        grad_output = torch.ones_like(grad_output)
+    else:
+        grad_output = make_grad_output(case, device)
+        if scenario.upstream == "ones":
+            grad_output = torch.ones_like(grad_output)
     return Built(case, inputs, call_inputs, kwargs, grad_output, scenario.grads or differentiable_names(case),
                  scenario.autocast or case.dtype)
 

@@ -42,7 +42,7 @@ class Reference(Mapping):
 
     def __init__(self, case: Case, inputs: dict[str, torch.Tensor], grad_output: torch.Tensor,
                  chunk_elements: int | None = None):
-        self.case, self.inputs = case, inputs
+        self.case, self.inputs, self.grad_output = case, inputs, grad_output
         self.linear = case.family.endswith("linear")
         self.names = ("loss", *differentiable_names(case))
         targets = inputs["targets"]
@@ -169,7 +169,10 @@ class Reference(Mapping):
 
     def with_upstream(self, grad_output: torch.Tensor) -> Reference:
         """The same reference for another upstream gradient: the loss and log-sum-exp (which do not depend on
-        it) are shared; the gradients are computed anew, so their rounded yardsticks are exact for it too."""
+        it) are shared; the gradients are computed anew, so their rounded yardsticks are exact for it too.
+        For the very tensor this one was made with, this reference itself."""
+        if grad_output is self.grad_output:
+            return self
         other = Reference(self.case, self.inputs, grad_output, self.chunk_elements)
         other._loss, other._lse = self._loss, self._lse
         return other

@@ -101,6 +101,11 @@ def mode_callables(impl: Impl, case: Case, mode: str, inputs, pristine, grad_out
     raise ValueError(f"unknown mode {mode!r}")
 
 
+def timed_upstream_words(plan: TimingPlan) -> str:
+    """How a check's reason names the upstream gradient of its second call: the one the timing uses."""
+    return "upstream 1" if plan.upstream_grad == "ones" else "the same upstream"
+
+
 class CellRunner:
     """Runs one implementation on one case and yields result rows."""
 
@@ -186,7 +191,7 @@ class CellRunner:
         the one checked), which also catches a kernel right only on its first call (stale workspaces).
         The figures are each quantity's worse of the two calls; a call that raises ends the cell there."""
         inputs = fresh_inputs(self.pristine, self.case)
-        what = "upstream 1" if self.plan.upstream_grad == "ones" else "the same upstream"
+        what = timed_upstream_words(self.plan)
         try:
             judged = self._training_call(inputs, self.grad_output, self.ref)
             mutated = mutated_inputs(inputs, self.pristine)
@@ -237,9 +242,10 @@ class CellRunner:
     def _second_call(self, inputs) -> list:
         """The second training call, at the timed upstream gradient, on the copies restored: its agreements."""
         timed = self.plan.timed_grad(self.grad_output)
-        if timed is not self.grad_output:  # ones: a reference of its own (a random timed gradient: the same one)
-            self.ref.release()  # the linear family's float64 gradients: the second reference makes its own
-            self.ref = self.ref.with_upstream(timed)
+        second = self.ref.with_upstream(timed)
+        if second is not self.ref:  # the first's float64 gradients (linear family) go before the second's are made
+            self.ref.release()
+        self.ref = second
         with torch.no_grad():  # a kernel that writes its gradient into its inputs (declared) gets them back
             for name, tensor in inputs.items():
                 tensor.copy_(self.pristine[name])

@@ -184,6 +184,7 @@ def test_the_reference_at_another_upstream_gradient(case):
         for (_, grad, best), (_, grad_w, best_w) in zip(got, want, strict=True):
             assert torch.equal(grad, grad_w) and torch.equal(best, best_w)
         assert not torch.equal(other[name], ref[name])  # the upstream gradient is not the check's
+    assert ref.with_upstream(ref.grad_output) is ref  # the same tensor: nothing to make again
 
 
 def test_unknown_gradient_name_is_a_key_error():

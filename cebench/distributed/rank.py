@@ -43,7 +43,7 @@ from cebench.distributed.comm import count_collectives
 from cebench.measure import Timing, TimingPlan, event_time, l2_flush_buffer, peak_memory
 from cebench.reference import reference
 from cebench.results import RunWriter
-from cebench.runner import fresh_inputs, impl_kwargs, mode_callables
+from cebench.runner import fresh_inputs, impl_kwargs, mode_callables, timed_upstream_words
 
 MiB = float(1 << 20)
 
@@ -118,8 +118,8 @@ class Cell:
         summary = self._checked_call(ref, self.grad_output)
         if summary["ok"]:
             timed = self.r.plan.timed_grad(self.grad_output)
-            second = self._checked_call(ref if timed is self.grad_output else ref.with_upstream(timed), timed)
-            what = "upstream 1" if self.r.plan.upstream_grad == "ones" else "the same upstream"
+            second = self._checked_call(ref.with_upstream(timed), timed)
+            what = timed_upstream_words(self.r.plan)
             mutated = sorted({*summary["mutated"], *second["mutated"]})
             if not second["ok"]:
                 summary = {**second, "detail": f"on a second call at {what} (the first agreed): {second['detail']}"}
