@@ -14,11 +14,13 @@ A plugin that fails to import is recorded with the reason and the rest still loa
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.metadata
 import importlib.util
 import inspect
 import os
+import re
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -70,12 +72,13 @@ class Impl:
         missing = [m for m in self.requires if importlib.util.find_spec(m) is None]
         if missing:
             return "missing package(s): " + ", ".join(missing)
-        if self.available is None:
-            return None
         try:
-            return self.available()
+            reason = self.available() if self.available is not None else None
         except Exception as exc:  # an availability check must never crash a listing
             return f"availability check raised {type(exc).__name__}: {exc}"
+        if reason is None and self.uses_triton and os.environ.get("TRITON_INTERPRET") == "1":
+            return interpreter_refusal()
+        return reason
 
     def unsupported_reason(self, case, device: str) -> str | None:
         """None when this implementation supports the case on `device`, else why not."""
@@ -100,6 +103,30 @@ class Impl:
             flags.append("grad in forward" + ("" if self.grad_in_forward == self.reductions
                                                else f" ({'/'.join(self.grad_in_forward)})"))
         return "reduction=" + "/".join(self.reductions) + ("; " + ", ".join(flags) if flags else "")
+
+
+def _major_minor(version: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in re.findall(r"\d+", version)[:2])
+
+
+def interpreter_refusal_for(triton_version: str, numpy_version: str) -> str | None:
+    """Triton's interpreter before 3.7 turns a one-element array into a Python int (a tensor used as a
+    loop bound or an index), which numpy 2.4 made an error: every such kernel fails mid-run."""
+    if _major_minor(triton_version) < (3, 7) and _major_minor(numpy_version) >= (2, 4):
+        return (f"Triton {triton_version}'s interpreter cannot run with numpy {numpy_version} (it calls int() on "
+                "one-element arrays, an error since numpy 2.4): install triton>=3.7 or numpy<2.4")
+    return None
+
+
+@functools.cache
+def interpreter_refusal() -> str | None:
+    """Why Triton kernels cannot run in this environment's interpreter, or None."""
+    try:
+        import numpy
+        import triton
+    except ImportError:  # the implementation's own check names what is missing
+        return None
+    return interpreter_refusal_for(triton.__version__, numpy.__version__)
 
 
 _REGISTRY: dict[str, Impl] = {}

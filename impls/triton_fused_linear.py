@@ -152,19 +152,33 @@ def narrow_in_place(acc: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return out.view(acc.shape)
 
 
+REDUCTION_FLAGS = ("allow_bf16_reduced_precision_reduction", "allow_fp16_reduced_precision_reduction")
+
+
+def _reduction_setting(flags, name: str):
+    """A flag's whole setting: (reduced precision, split-K) where this torch keeps both (2.10 and later; setting
+    a bool there leaves split-K allowed, in full precision), else the bool alone."""
+    try:
+        return getattr(flags, name), getattr(flags, name + "_split_k")
+    except AttributeError:
+        return getattr(flags, name)
+
+
 @contextlib.contextmanager
 def fp32_reductions():
     """cuBLAS may add split-K partial sums in bf16/fp16 unless told not to, and torch allows it by default.
     grad_weight's matmul per chunk (chunk × H outputs, K = N tokens) is the shape split-K is chosen for, and
     this implementation promises fp32 accumulation inside every matmul: the two flags are cleared for its
-    calls and restored after."""
+    calls and restored after, split-K half included (a user's (False, False), no split-K, stays so)."""
     flags = torch.backends.cuda.matmul
-    saved = flags.allow_bf16_reduced_precision_reduction, flags.allow_fp16_reduced_precision_reduction
-    flags.allow_bf16_reduced_precision_reduction = flags.allow_fp16_reduced_precision_reduction = False
+    saved = [_reduction_setting(flags, name) for name in REDUCTION_FLAGS]
+    for name in REDUCTION_FLAGS:
+        setattr(flags, name, False)
     try:
         yield
     finally:
-        flags.allow_bf16_reduced_precision_reduction, flags.allow_fp16_reduced_precision_reduction = saved
+        for name, setting in zip(REDUCTION_FLAGS, saved, strict=True):
+            setattr(flags, name, setting)
 
 
 def autocast_off(device_type: str):

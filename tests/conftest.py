@@ -29,6 +29,33 @@ def impls():
     return registry.load_all()
 
 
+def _needs_newer_torch(reason: str | None) -> bool:
+    # torch_linear's reason on a torch without F.linear_cross_entropy (before 2.13, e.g. the GPU image's 2.11)
+    return bool(reason) and reason.startswith(f"torch {torch.__version__} has no")
+
+
+def require_runnable(impl, reason: str | None = None) -> None:
+    """An implementation these CPU tests need must run: a missing test dependency fails, it is not a skip. One
+    that needs a newer torch than this one is skipped with that reason (a skip CI does not allow)."""
+    reason = impl.unavailable_reason() if reason is None else reason
+    if _needs_newer_torch(reason):
+        pytest.skip(f"{impl.name}: {reason} (it needs a newer torch)")
+    assert not reason, f"{impl.name}: {reason} (the test dependencies are missing: pip install -e '.[test]')"
+
+
+@pytest.fixture(scope="session")
+def runnable():
+    return require_runnable
+
+
+@pytest.fixture(scope="session")
+def needs_newer_torch(impls) -> set[str]:
+    """Implementations this torch is too old for, left out of the tests that run every built-in; none on CI."""
+    names = {name for name, impl in impls.items() if _needs_newer_torch(impl.unavailable_reason())}
+    assert not (ON_CI and names), f"CI's torch {torch.__version__} must run {sorted(names)}"
+    return names
+
+
 def _record_skip(report) -> None:
     if report.skipped and not hasattr(report, "wasxfail"):  # an xfail is reported as skipped too
         longrepr = report.longrepr

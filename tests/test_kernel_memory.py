@@ -20,6 +20,23 @@ from cebench.measure import peak_memory
 V, H, ROWS = 4096, 512, 64
 
 
+def _meta_addmm_dtype_refusal() -> str | None:
+    """Why this torch's meta device cannot run addmm(out_dtype=float32), where it cannot: torch 2.11's meta
+    addmm.dtype falls to the plain addmm decomposition, which takes out_dtype for beta (a TypeError on meta
+    only: 2.11's CUDA kernel takes an fp32 accumulator). The meta tests of the CUDA branch then see the fallback."""
+    acc = torch.zeros(2, 2, device="meta")
+    half = torch.empty(2, 2, dtype=torch.bfloat16, device="meta")
+    try:
+        torch.addmm(acc, half, half, out_dtype=torch.float32)
+    except (TypeError, RuntimeError) as exc:
+        return f"torch {torch.__version__}'s meta addmm(out_dtype=float32) fails ({type(exc).__name__}: {exc})"
+    return None
+
+
+META_REFUSAL = _meta_addmm_dtype_refusal()
+meta_cuda_branch = pytest.mark.xfail(META_REFUSAL is not None, reason=META_REFUSAL or "", strict=True)
+
+
 @pytest.fixture(scope="module")
 def fused_linear(impls):
     return sys.modules["cebench_plugin_triton_fused_linear"]
@@ -40,8 +57,10 @@ class NewTensors(TorchDispatchMode):
         return out
 
 
+@meta_cuda_branch
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_cuda_branch_accumulates_into_the_fp32_buffer(fused_linear, dtype):
+def test_cuda_branch_accumulates_into_the_fp32_buffer(fused_linear, monkeypatch, dtype):
+    monkeypatch.setattr(fused_linear, "_dtype_addmm_ok", True)  # a fallback here must not outlive the test
     acc = torch.zeros(V, H, device="meta")
     a, b = torch.empty(V, ROWS, dtype=dtype, device="meta"), torch.empty(ROWS, H, dtype=dtype, device="meta")
     with NewTensors(acc) as seen:
@@ -179,12 +198,14 @@ class NoLaunch:
         return lambda *args, **kwargs: None
 
 
+@meta_cuda_branch
 @pytest.mark.parametrize("N,V,H", [(8192, 256000, 2304), (8192, 128256, 4096)])
 def test_cuda_path_training_peak_is_the_floor_plus_the_accumulator_surplus_and_one_chunk(fused_linear, monkeypatch,
                                                                                         N, V, H):
     # Gemma 2 2B and Llama 3 8B heads, bf16, forward + backward on the meta device: everything the
     # step allocates at once is grad_weight and grad_hidden (the memory model's floor, (N + V)·H·2),
     # the fp32 accumulator's surplus over grad_hidden (N·H·2), one chunk of logits and O(N) vectors
+    monkeypatch.setattr(fused_linear, "_dtype_addmm_ok", True)
     for name in ("chunk_stats_kernel", "chunk_grad_kernel", "scale_kernel"):
         monkeypatch.setattr(fused_linear.fused.kernels, name, NoLaunch())
     hidden = torch.empty(N, H, dtype=torch.bfloat16, device="meta", requires_grad=True)

