@@ -110,11 +110,11 @@ def accumulate_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None
             torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
             return
         except TypeError as exc:  # a torch without the out_dtype overload
-            _fall_back(exc)
+            _fall_back(exc, acc.device.type)
         except RuntimeError as exc:  # "self and mat2 must have the same dtype" before the fp32-self relaxation
             if "dtype" not in str(exc):
                 raise
-            _fall_back(exc)
+            _fall_back(exc, acc.device.type)
     # every torch, every device: blocks of rows of `a` upcast, added in place; b upcast once
     rows = max(1, ACC_BLOCK_BYTES // (4 * max(a.shape[1], b.shape[1])))
     b32 = b.float()
@@ -123,13 +123,14 @@ def accumulate_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None
         acc[blk].addmm_(a[blk].float(), b32)
 
 
-def _fall_back(exc: Exception) -> None:
+def _fall_back(exc: Exception, device: str) -> None:
     # said once, on stderr (a worker's log: runs/<run>/logs/), since it changes what is timed: the blocked
     # fallback upcasts a and b and multiplies in fp32, several times slower on a GPU than bf16 products
     global _dtype_addmm_ok
     _dtype_addmm_ok = False
     print(f"triton_fused_linear: torch {torch.__version__} refuses addmm(out_dtype=float32) into an fp32 accumulator "
-          f"({type(exc).__name__}: {str(exc)[:200]}); grad_hidden is accumulated by blocked fp32 matmuls instead",
+          f"on {device} ({type(exc).__name__}: {str(exc)[:200]}); grad_hidden is accumulated by blocked fp32 matmuls "
+          "instead",
           file=sys.stderr)
 
 
