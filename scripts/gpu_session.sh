@@ -2,7 +2,7 @@
 # One call on a lent GPU machine (the device tool): everything a short slot should do, in order, with every
 # result written under $OUT as it comes and packed into ONE archive at the end (only 8 files come back).
 #
-#   bash scripts/gpu_session.sh first    # peers + smoke on CUDA + gpu-headline (ours, torch, compile, Liger, CCE),
+#   bash scripts/gpu_session.sh first    # peers + smoke on CUDA + gpu-headline (ours, torch, Liger, CCE, compile),
 #                                        # then the options suite if time is left
 #   bash scripts/gpu_session.sh second   # QuACK's cells of gpu-headline (carry the quack wheels)
 #   DEADLINE_S=540 bash scripts/gpu_session.sh first  # seconds after which the headline is stopped and packed
@@ -64,7 +64,10 @@ if [[ $STAGE == first ]]; then
   if [[ -n $BEST && $BEST != None ]]; then export CEBENCH_TRITON_FUSED_EVAL_CONFIG=$BEST; fi
   log "tuning exit $RC, config ${CEBENCH_TRITON_FUSED_CONFIG:-default}, eval ${CEBENCH_TRITON_FUSED_EVAL_CONFIG:-same}"
   pack
-  IMPLS=triton_fused,triton_fused_linear,torch,linear_torch,torch_compile,liger,liger_linear,cce,torch_linear,chunked,linear_chunked,cce_torch_compile
+  # in this order: an isolated run goes implementation by implementation, and torch.compile's compile time per
+  # shape is the estimate's biggest guess, so it comes after Liger and CCE, which a long compile cannot then crowd out
+  IMPLS=triton_fused,triton_fused_linear,torch,linear_torch,liger,liger_linear,cce,torch_compile,torch_linear,chunked
+  IMPLS=$IMPLS,linear_chunked,cce_torch_compile
 else
   IMPLS=quack,quack_linear
 fi
