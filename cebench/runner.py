@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 import time
 from collections.abc import Callable, Iterator
 
@@ -54,12 +55,27 @@ def fresh_inputs(pristine: dict[str, torch.Tensor], case: Case) -> dict[str, tor
     return {k: v.clone().requires_grad_(k in grads) for k, v in pristine.items()}
 
 
+_last_autocast: list[torch.dtype | None] = [None]  # the autocast dtype of this process's previous autocast call
+
+
+def forget_graphs_of_another_autocast_dtype(dtype: torch.dtype) -> None:
+    """torch 2.11's Dynamo guards a compiled graph on whether autocast is on, not on its dtype: a function
+    compiled under autocast-bfloat16 is replayed under autocast-float16 (seen with CCE's compiled baseline on
+    the CPU: its fp16 cell computed in bf16, 9× fp16's error; torch 2.13 recompiles). One worker serves every
+    cell, so Dynamo's caches are cleared when the autocast dtype changes: a cell then always runs a graph
+    compiled for its own policy. The first call of such a cell is the untimed agreement check's."""
+    if _last_autocast[0] not in (None, dtype) and "torch._dynamo" in sys.modules:
+        torch._dynamo.reset()
+    _last_autocast[0] = dtype
+
+
 def call(impl: Impl, case: Case, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
     """One call as training code makes it; under an autocast policy, inside torch.autocast (float32 inputs)."""
     names = (*differentiable_names(case), "targets")
     args = [inputs[n] for n in names]
     if case.autocast is None:
         return impl.fn(*args, **impl_kwargs(impl, case))
+    forget_graphs_of_another_autocast_dtype(case.autocast)
     with torch.autocast(args[0].device.type, dtype=case.autocast):
         return impl.fn(*args, **impl_kwargs(impl, case))
 
