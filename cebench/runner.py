@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import math
 import os
-import sys
 import time
 from collections.abc import Callable, Iterator
 
@@ -55,18 +54,23 @@ def fresh_inputs(pristine: dict[str, torch.Tensor], case: Case) -> dict[str, tor
     return {k: v.clone().requires_grad_(k in grads) for k, v in pristine.items()}
 
 
-_last_autocast: list[torch.dtype | None] = [None]  # the autocast dtype of this process's previous autocast call
+_compile_caches_off: list[bool] = [False]  # set once this process has called under autocast
 
 
-def forget_graphs_of_another_autocast_dtype(dtype: torch.dtype) -> None:
-    """torch 2.11's Dynamo guards a compiled graph on whether autocast is on, not on its dtype: a function
-    compiled under autocast-bfloat16 is replayed under autocast-float16 (seen with CCE's compiled baseline on
-    the CPU: its fp16 cell computed in bf16, 9× fp16's error; torch 2.13 recompiles). One worker serves every
-    cell, so Dynamo's caches are cleared when the autocast dtype changes: a cell then always runs a graph
-    compiled for its own policy. The first call of such a cell is the untimed agreement check's."""
-    if _last_autocast[0] not in (None, dtype) and "torch._dynamo" in sys.modules:
-        torch._dynamo.reset()
-    _last_autocast[0] = dtype
+def compile_without_caches_under_autocast() -> None:
+    """torch 2.11's Inductor FX-graph and AOTAutograd caches, on disk and shared by every process, hand a graph
+    compiled under one autocast dtype to a call under another: their keys lack it. Seen on the CPU: a compiled
+    linear head's autocast-float16 call got the bf16 graph (CCE's compiled baseline: 9× fp16's error), and a fresh
+    process's bf16 call got fp16's; with the caches off each compiles its own graph (Dynamo's guards do
+    recompile), and torch 2.13 keys them right. So a process that calls under autocast never uses those caches:
+    it compiles, in the untimed check and warm-up."""
+    if not _compile_caches_off[0]:
+        import torch._functorch.config as functorch_config
+        import torch._inductor.config as inductor_config
+
+        inductor_config.fx_graph_cache = False
+        functorch_config.enable_autograd_cache = False
+        _compile_caches_off[0] = True
 
 
 def call(impl: Impl, case: Case, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -75,7 +79,7 @@ def call(impl: Impl, case: Case, inputs: dict[str, torch.Tensor]) -> torch.Tenso
     args = [inputs[n] for n in names]
     if case.autocast is None:
         return impl.fn(*args, **impl_kwargs(impl, case))
-    forget_graphs_of_another_autocast_dtype(case.autocast)
+    compile_without_caches_under_autocast()
     with torch.autocast(args[0].device.type, dtype=case.autocast):
         return impl.fn(*args, **impl_kwargs(impl, case))
 
