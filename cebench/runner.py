@@ -18,6 +18,7 @@ agreement calls and after every measured mode).
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 import time
@@ -54,9 +55,7 @@ def fresh_inputs(pristine: dict[str, torch.Tensor], case: Case) -> dict[str, tor
     return {k: v.clone().requires_grad_(k in grads) for k, v in pristine.items()}
 
 
-_compile_caches_off: list[bool] = [False]  # set once this process has called under autocast
-
-
+@functools.cache  # once per process: its first autocast call
 def compile_without_caches_under_autocast() -> None:
     """torch 2.11's Inductor FX-graph and AOTAutograd caches, on disk and shared by every process, hand a graph
     compiled under one autocast dtype to a call under another: their keys lack it. Seen on the CPU: a compiled
@@ -64,13 +63,11 @@ def compile_without_caches_under_autocast() -> None:
     process's bf16 call got fp16's; with the caches off each compiles its own graph (Dynamo's guards do
     recompile), and torch 2.13 keys them right. So a process that calls under autocast never uses those caches:
     it compiles, in the untimed check and warm-up."""
-    if not _compile_caches_off[0]:
-        import torch._functorch.config as functorch_config
-        import torch._inductor.config as inductor_config
+    import torch._functorch.config as functorch_config
+    import torch._inductor.config as inductor_config
 
-        inductor_config.fx_graph_cache = False
-        functorch_config.enable_autograd_cache = False
-        _compile_caches_off[0] = True
+    inductor_config.fx_graph_cache = False
+    functorch_config.enable_autograd_cache = False
 
 
 def call(impl: Impl, case: Case, inputs: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -42,7 +42,7 @@ def test_hitting_the_limit_is_an_error_not_an_eager_run():
     torch._dynamo.reset()
 
 
-def test_the_compile_caches_are_off_once_a_call_runs_under_autocast(monkeypatch):
+def test_the_compile_caches_are_off_once_a_call_runs_under_autocast():
     """torch 2.11's Inductor caches hand a graph compiled under one autocast dtype to a call under another; a process
     that calls under autocast must not use them. Plain calls leave them as they are."""
     import torch._functorch.config as functorch_config
@@ -50,7 +50,7 @@ def test_the_compile_caches_are_off_once_a_call_runs_under_autocast(monkeypatch)
 
     from cebench import runner
 
-    monkeypatch.setattr(runner, "_compile_caches_off", [False])
+    runner.compile_without_caches_under_autocast.cache_clear()
     saved = inductor_config.fx_graph_cache, functorch_config.enable_autograd_cache
     try:
         inductor_config.fx_graph_cache = functorch_config.enable_autograd_cache = True
@@ -61,9 +61,10 @@ def test_the_compile_caches_are_off_once_a_call_runs_under_autocast(monkeypatch)
             assert (inductor_config.fx_graph_cache, functorch_config.enable_autograd_cache) == (expected, expected), dtype
     finally:
         inductor_config.fx_graph_cache, functorch_config.enable_autograd_cache = saved
+        runner.compile_without_caches_under_autocast.cache_clear()  # the next autocast call turns them off again
 
 
-def test_a_compiled_linear_head_under_autocast_float16_computes_in_float16_after_bfloat16(monkeypatch):
+def test_a_compiled_linear_head_under_autocast_float16_computes_in_float16_after_bfloat16():
     """Seen on torch 2.11 (CPU): a compiled linear head called under autocast-bfloat16, then autocast-float16, returned
     the bf16 graph's gradient in the fp16 cell (CCE's compiled baseline: 9.3x fp16's error). Through cebench's call
     it must match eager PyTorch under the same policy. (On torch 2.13 Dynamo recompiles by itself.)"""
@@ -75,8 +76,7 @@ def test_a_compiled_linear_head_under_autocast_float16_computes_in_float16_after
     def head(hidden, weight, targets, reduction="mean", ignore_index=-100):
         return F.cross_entropy((hidden @ weight.T).float(), targets, reduction=reduction, ignore_index=ignore_index)
 
-    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))  # the plugin leaves with the test
-    monkeypatch.setattr(runner, "_compile_caches_off", [False])
+    runner.compile_without_caches_under_autocast.cache_clear()
     compiled = registry.Impl("compiled_head", "linear", head)
     torch._dynamo.reset()
     grads = {}
