@@ -21,7 +21,8 @@ from cebench.suites import SuiteError
 
 REPO = Path(__file__).resolve().parent.parent
 ASKED_FOR = ("gpt2", "llama3-8b", "llama3-70b", "llama3.2-1b", "mistral-7b", "mistral-nemo", "qwen2.5-7b", "qwen3-8b",
-             "gemma2-2b", "gemma2-9b", "gemma3-1b", "deepseek-v3", "phi3-mini", "phi4", "olmo2-7b")
+             "gemma2-2b", "gemma2-9b", "gemma3-1b", "gemma3-4b", "gemma3-12b", "gemma3-27b",
+             "deepseek-v3", "phi3-mini", "phi4", "olmo2-7b")
 
 
 def test_every_preset_has_figures_and_a_source():
@@ -38,6 +39,15 @@ def test_figures_the_issue_names():
     assert [m.name for m in models.PRESETS if m.softcap] == ["gemma2-2b", "gemma2-9b"]
     assert all(m.softcap == 30.0 for m in models.PRESETS if m.softcap)
     assert (models.BY_NAME["gpt2"].V, models.BY_NAME["gpt2"].H) == (50257, 768)
+
+
+def test_gemma3_heads_are_the_hub_models_not_the_text_cut():
+    """Gemma 3 4B/12B/27B's LM head has 262208 rows (262144 text tokens + image tokens, tied to the embedding);
+    litgpt and MaxText cut it to 262144, the 1B text-only model's width. No softcap (Gemma 2 had 30)."""
+    heads = {n: (models.BY_NAME[n].V, models.BY_NAME[n].H, models.BY_NAME[n].softcap)
+             for n in ("gemma3-1b", "gemma3-4b", "gemma3-12b", "gemma3-27b")}
+    assert heads == {"gemma3-1b": (262144, 1152, None), "gemma3-4b": (262208, 2560, None),
+                     "gemma3-12b": (262208, 3840, None), "gemma3-27b": (262208, 5376, None)}
 
 
 def test_suite_has_both_families_at_each_token_count():
