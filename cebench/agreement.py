@@ -12,6 +12,15 @@ float32 arithmetic (FP32_FLOOR, relative), since every kernel computes in at mos
                 not a false alarm). A norm over N rows hides one wrong row (it shows as
                 ~1/√N); this does not. A row whose reference is exactly zero (an ignored
                 target) must come back as (almost) zero.
+  column accuracy  the same ratio for the worst column, leaving out each row's target entry (judged by
+                the row and target figures): one vocabulary column never written, or written from the
+                wrong place, is 1/V of every row's norm and invisible to both figures above when no target
+                falls on it (at V=256000 and N=8192, 97 % of the columns hold no target). Its yardstick
+                is the column's own rounding, at least the non-target entries' typical relative rounding
+                and a quarter of a float32 ulp of each row's rms per entry (COL_FLOOR). The limit is
+                wide, COL_LIMIT: PyTorch's bf16 cross-entropy saves its log-probabilities in bf16, so its
+                small gradient entries are a few percent off (up to 44x their rounding on this CPU); a
+                column never written is 100 % off (300x to 600x in bf16).
   loss          element by element, in rounding steps of the precision the case is computed in
                 (its dtype; the autocast dtype under autocast), whatever dtype it is returned in:
                 |got − ref| / (½ ulp(ref) + float32 arithmetic), so 1 is "correctly rounded".
@@ -19,14 +28,15 @@ float32 arithmetic (FP32_FLOOR, relative), since every kernel computes in at mos
                 returned coarser than the case (bf16 for float32 logits) cannot carry what the
                 caller asked for and fails, the reason naming its dtype.
 
-An agreement is ok when accuracy ≤ GRAD_LIMIT and row accuracy ≤ ROW_LIMIT (gradients), or
+An agreement is ok when accuracy ≤ GRAD_LIMIT, row accuracy ≤ ROW_LIMIT and column accuracy ≤
+COL_LIMIT (gradients), or
 the loss is within LOSS_LIMIT half-ulps (one ulp). The limits sit between what the
 built-ins measure (README, "What counts as wrong") and what the planted bugs of
 tests/test_agreement_limits.py measure: a loss 1 % off, a gradient 1 % off, one row wrong
-or never written, a nonzero gradient in an ignored row.
+or never written, a nonzero gradient in an ignored row, one vocabulary column never written.
 
 Memory is bounded: the reference streams its rows (cebench.reference.Reference.grad_rows)
-and each chunk is compared and dropped; what is kept is O(N) per-row sums of squares.
+and each chunk is compared and dropped; what is kept is O(N + V) per-row and per-column sums of squares.
 """
 
 from __future__ import annotations
@@ -38,8 +48,10 @@ import torch
 
 FP32_FLOOR = 2.0**-24 * 256  # relative error float32 arithmetic is allowed (≈1.5e-5)
 ROW_FLOOR = 2.0**-24 * 4  # float32 arithmetic on a row's scale (cancellations such as p - ε/V)
+COL_FLOOR = 2.0**-24 / 4  # per entry, of its row's rms: a column's entries that small are float32 noise in the row
 GRAD_LIMIT = 8.0
 ROW_LIMIT = 16.0
+COL_LIMIT = 128.0  # a gross error: a bf16 column ~20 % off (PyTorch bf16: ≤ 44; a column never written: ≥ 300)
 BIAS_LIMIT = 2.0  # mean signed error, in half-ulps
 TARGET_LIMIT = 2.5  # target-class entries: in unit roundoffs (a correct kernel rounds once: <= 1; twice: <= 2)
 BIAS_T = 6.0  # and significant: |t| above this
@@ -59,6 +71,9 @@ class Agreement:
     worst_row: int | None = None
     limit: float = GRAD_LIMIT
     row_limit: float = ROW_LIMIT
+    col_accuracy: float = 0.0  # worst column (logits: its non-target entries), against its own reference
+    worst_col: int | None = None
+    col_limit: float = COL_LIMIT
     bias: float = 0.0  # mean signed error of the entries beyond the best's, in half-ulps (gradients)
     bias_t: float = 0.0  # its t-statistic: a bias counts only when significant
     target_accuracy: float = 0.0  # logits: the target-class entries' error in unit roundoffs of the dtype
@@ -76,7 +91,7 @@ class Agreement:
         # to the dtype (a systematic error far below the rounding noise, e.g. on cancelled fp32 entries, is none)
         biased = abs(self.bias) > BIAS_LIMIT and abs(self.bias_t) > BIAS_T and self.accuracy > 1
         return (self.accuracy <= self.limit and self.row_accuracy <= self.row_limit and not biased
-                and self.target_accuracy <= TARGET_LIMIT)
+                and self.target_accuracy <= TARGET_LIMIT and self.col_accuracy <= self.col_limit)
 
     def describe(self) -> str:
         verdict = "<=" if self.ok else ">"
@@ -85,8 +100,9 @@ class Agreement:
             return (f"{self.quantity}: {self.accuracy:.3g} half-ulps{where} {verdict} {self.limit:g} "
                     f"(rel {self.rel_err:.2e}, max abs {self.max_abs_err:.2e}){self.note}")
         return (f"{self.quantity}: accuracy {self.accuracy:.3g}x the dtype's best, worst row {self.worst_row} "
-                f"{self.row_accuracy:.3g}x, bias {self.bias:+.2f} half-ulps (t {self.bias_t:+.1f}){self._target()} "
-                f"{verdict} limits {self.limit:g}x/{self.row_limit:g}x/±{BIAS_LIMIT:g}"
+                f"{self.row_accuracy:.3g}x, worst column {self.worst_col} {self.col_accuracy:.3g}x, bias "
+                f"{self.bias:+.2f} half-ulps (t {self.bias_t:+.1f}){self._target()} {verdict} limits "
+                f"{self.limit:g}x/{self.row_limit:g}x/{self.col_limit:g}x/±{BIAS_LIMIT:g}"
                 f"{f'/{TARGET_LIMIT:g}u' if self.target_rel_err is not None else ''} (rel {self.rel_err:.2e} vs "
                 f"best {self.best_rel:.1e}, max abs {self.max_abs_err:.2e})")
 
@@ -94,6 +110,12 @@ class Agreement:
         if self.target_rel_err is None:
             return ""
         return f", target class {self.target_accuracy:.3g}u (rel {self.target_rel_err:.1e})"
+
+
+def badness(a: Agreement) -> float:
+    """The largest of an agreement's figures over its limit (norm, worst row, worst column): above 1, that
+    figure fails."""
+    return max(a.accuracy / a.limit, a.row_accuracy / a.row_limit, a.col_accuracy / a.col_limit)
 
 
 def failed(quantity: str, why: str = "") -> Agreement:
@@ -259,6 +281,7 @@ class _RowSums:
         self.bias_sum = self.noise2 = self.bias_count = 0.0
         self.target_err2 = self.target_allowed2 = self.target_ref2 = 0.0
         self.max_abs = 0.0
+        self.cols: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # per column: Σ error², ref², best²
 
     def add(self, rows: slice, got: torch.Tensor, expected: torch.Tensor, best: torch.Tensor,
             judged: torch.dtype, targets: torch.Tensor | None = None) -> None:
@@ -267,12 +290,41 @@ class _RowSums:
             self.max_abs = max(self.max_abs, float(diff.abs().max()))
         finite = torch.nan_to_num(expected, nan=0.0, posinf=0.0, neginf=0.0)
         best_diff = torch.nan_to_num(best, nan=0.0, posinf=0.0, neginf=0.0).sub_(finite)
-        device = self.err2.device
-        for total, values in ((self.err2, diff), (self.ref2, finite), (self.best2, best_diff)):
-            total[rows] = values.square().sum(dim=1).to(device)
+        if self.cols is None:
+            self.cols = tuple(torch.zeros(diff.shape[1], dtype=torch.float64, device=self.err2.device) for _ in range(3))
+        held = None if targets is None else self._held(targets.to(diff.device))
+        for total, col_total, values in zip((self.err2, self.ref2, self.best2), self.cols, (diff, finite, best_diff),
+                                            strict=True):
+            square = values.square()
+            total[rows] = square.sum(dim=1).to(total.device)
+            if held is not None:  # per column, each row's target entry left out: the row and target figures judge it
+                square[held] = 0.0
+            col_total += square.sum(dim=0).to(col_total.device)
         self._add_bias(diff, best_diff, finite, judged)
         if targets is not None:
             self._add_targets(diff, finite, targets.to(diff.device), judged)
+
+    @staticmethod
+    def _held(targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(rows, columns) of the target entries a chunk holds."""
+        rows = (targets >= 0).nonzero().flatten()
+        return rows, targets[rows]
+
+    def _columns(self, typical_row: float) -> tuple[float, int | None]:
+        """(worst column's accuracy, its index). Its yardstick: the column's own rounding, at least the non-target
+        entries' typical relative rounding (so a column that happens to round exactly is not a false alarm) and
+        a quarter of a float32 ulp of each row's rms (COL_FLOOR: a token the rows give p ~ 1e-11 is float32 noise
+        next to them, whatever its own rounding)."""
+        if self.cols is None or not self.cols[0].numel():
+            return 0.0, None
+        err2, ref2, best2 = self.cols
+        ref_norm = math.sqrt(float(ref2.sum()))
+        best_rel = max(math.sqrt(float(best2.sum())) / ref_norm if ref_norm > 0 else 0.0, FP32_FLOOR)
+        spread = COL_FLOOR * typical_row * math.sqrt(self.err2.numel() / err2.numel())
+        floor = torch.clamp(ref2.sqrt() * best_rel, min=max(spread, 1e-300))
+        ratio = err2.sqrt() / torch.maximum(best2.sqrt(), floor)
+        worst = int(ratio.argmax())
+        return float(ratio[worst]), worst
 
     def _add_targets(self, diff, finite, targets, judged: torch.dtype) -> None:
         """The entry at each row's target class (p - 1, the largest and the one low precision loses first):
@@ -324,8 +376,10 @@ class _RowSums:
         row_accuracy = float(row_ratio.max()) if row_ratio.numel() else 0.0
         # an all-zero reference (V=1, every target ignored) is judged row by row, against the scale it would have
         accuracy = rel / best_rel if ref_norm > 0 else row_accuracy
+        col_accuracy, worst_col = self._columns(typical_row)
         bias, t = self.bias()
         target = math.sqrt(self.target_err2 / self.target_allowed2) if self.target_allowed2 else 0.0
         target_rel = math.sqrt(self.target_err2 / self.target_ref2) if self.target_ref2 else None
         return Agreement(name, self.max_abs, rel, best_rel, accuracy, row_accuracy, worst, bias=bias, bias_t=t,
-                         target_accuracy=target, target_rel_err=target_rel)
+                         target_accuracy=target, target_rel_err=target_rel, col_accuracy=col_accuracy,
+                         worst_col=worst_col)

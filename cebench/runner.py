@@ -26,6 +26,7 @@ from collections.abc import Callable, Iterator
 
 import torch
 
+from cebench.agreement import badness
 from cebench.cases import Case, differentiable_names, make_grad_output, make_inputs
 from cebench.measure import Timing, TimingPlan, peak_memory, time_callable
 from cebench.reference import compare, reference
@@ -277,6 +278,8 @@ class CellRunner:
         if a.quantity != "loss":
             rows.append(self.row("check", f"row_accuracy[{a.quantity}]", unit="x best", value=a.row_accuracy,
                                  reason=f"worst row {a.worst_row}"))
+            rows.append(self.row("check", f"col_accuracy[{a.quantity}]", unit="x best", value=a.col_accuracy,
+                                 reason=f"worst column {a.worst_col}"))
             rows.append(self.row("check", f"bias[{a.quantity}]", unit="half-ulps", value=a.bias,
                                  reason=f"t = {a.bias_t:.1f}"))
         if a.target_rel_err is not None:
@@ -351,8 +354,8 @@ class _LossOnly:
 def _badness(a) -> float:
     """How far an agreement is from failing (above 1: failed): picks the one a row's reason names."""
     if a.ok:
-        return max(a.accuracy / a.limit, a.row_accuracy / a.row_limit)
-    return math.inf if not math.isfinite(a.accuracy) else 1 + max(a.accuracy / a.limit, a.row_accuracy / a.row_limit)
+        return badness(a)
+    return math.inf if not math.isfinite(a.accuracy) else 1 + badness(a)
 
 
 INTERPRETER_SKIP = "Triton interpreter on CPU: only forward+backward is measured (timings not meaningful)"

@@ -18,12 +18,15 @@ from cebench import agreement
 from cebench.agreement import (
     BIAS_LIMIT,
     BIAS_T,
+    COL_FLOOR,
+    COL_LIMIT,
     FP32_FLOOR,
     GRAD_LIMIT,
     LOSS_LIMIT,
     ROW_LIMIT,
     TARGET_LIMIT,
     Agreement,
+    badness,
     compare,
     failed,
     half_ulp,
@@ -85,17 +88,18 @@ def test_difference_keeps_the_sign_of_finite_errors():
 
 
 # -- the Agreement record --------------------------------------------------------------------------------
-def _grad(accuracy=1.0, row=1.0, bias=0.0, t=0.0, target=0.0, target_rel=None):
+def _grad(accuracy=1.0, row=1.0, bias=0.0, t=0.0, target=0.0, target_rel=None, col=2.0):
     return Agreement("logits", 0.5, 0.1, 0.01, accuracy, row, 7, bias=bias, bias_t=t, target_accuracy=target,
-                     target_rel_err=target_rel)
+                     target_rel_err=target_rel, col_accuracy=col, worst_col=11)
 
 
 def test_ok_holds_up_to_each_limit_and_not_beyond():
-    assert _grad(GRAD_LIMIT, ROW_LIMIT, target=TARGET_LIMIT).ok
+    assert _grad(GRAD_LIMIT, ROW_LIMIT, target=TARGET_LIMIT, col=COL_LIMIT).ok
     assert not _grad(GRAD_LIMIT * 1.001).ok
+    assert not _grad(col=COL_LIMIT * 1.001).ok
     assert not _grad(row=ROW_LIMIT * 1.001).ok
     assert not _grad(target=TARGET_LIMIT * 1.001).ok
-    assert not _grad(NAN).ok and not _grad(row=NAN).ok  # a NaN figure is never ok
+    assert not _grad(NAN).ok and not _grad(row=NAN).ok and not _grad(col=NAN).ok  # a NaN figure is never ok
 
 
 @pytest.mark.parametrize("sign", [1, -1])
@@ -122,11 +126,12 @@ def test_describe_a_loss():
 
 def test_describe_a_gradient():
     assert _grad(3.0, 4.0, bias=0.5, t=1.5, target=0.25, target_rel=1e-3).describe() == (
-        "logits: accuracy 3x the dtype's best, worst row 7 4x, bias +0.50 half-ulps (t +1.5), target class 0.25u "
-        "(rel 1.0e-03) <= limits 8x/16x/±2/2.5u (rel 1.00e-01 vs best 1.0e-02, max abs 5.00e-01)")
-    assert _grad(9.0, 4.0, bias=-3.0, t=-7.0).describe() == (
-        "logits: accuracy 9x the dtype's best, worst row 7 4x, bias -3.00 half-ulps (t -7.0) > limits 8x/16x/±2 "
-        "(rel 1.00e-01 vs best 1.0e-02, max abs 5.00e-01)")
+        "logits: accuracy 3x the dtype's best, worst row 7 4x, worst column 11 2x, bias +0.50 half-ulps (t +1.5), "
+        "target class 0.25u (rel 1.0e-03) <= limits 8x/16x/128x/±2/2.5u (rel 1.00e-01 vs best 1.0e-02, max abs "
+        "5.00e-01)")
+    assert _grad(9.0, 4.0, bias=-3.0, t=-7.0, col=300.0).describe() == (
+        "logits: accuracy 9x the dtype's best, worst row 7 4x, worst column 11 300x, bias -3.00 half-ulps (t -7.0) > "
+        "limits 8x/16x/128x/±2 (rel 1.00e-01 vs best 1.0e-02, max abs 5.00e-01)")
 
 
 def test_failed_is_infinitely_wrong():
@@ -311,6 +316,90 @@ def test_all_zero_reference_is_judged_row_by_row():
     verdict = _by_name(compare({"loss": ref.loss, "logits": small}, ref, case.dtype))["logits"]
     assert not verdict.ok and verdict.worst_row == 2
     assert verdict.accuracy == verdict.row_accuracy == pytest.approx(1e-3 / FP32_FLOOR, rel=1e-3)
+
+
+# -- the worst column --------------------------------------------------------------------------------------
+def _non_target(ref) -> torch.Tensor:
+    """True where an entry is not its row's target (ignored rows have none)."""
+    mask = torch.ones(ref.case.N, ref.case.V, dtype=torch.bool)
+    rows = ref.valid.nonzero().flatten()
+    mask[rows, ref.inputs["targets"][rows]] = False
+    return mask
+
+
+def test_one_column_never_written_is_named_and_judged_against_its_own_reference():
+    case = Case("logits", N=64, V=1000, dtype="bfloat16", ignore_frac=0.1)
+    ref = _ref(case)
+    exact = ref["logits"]
+    free = sorted(set(range(case.V)) - set(ref.inputs["targets"].tolist()))  # columns no row targets
+    col = free[-1]
+    got = exact.to(torch.bfloat16)
+    got[:, col] = 0
+    verdict = _by_name(compare({"loss": ref.loss, "logits": got}, ref, case.dtype))["logits"]
+    assert verdict.worst_col == col and verdict.col_accuracy > COL_LIMIT and not verdict.ok
+    assert verdict.accuracy <= GRAD_LIMIT and verdict.row_accuracy <= ROW_LIMIT  # only the column figure sees it
+    # by hand: the column's own rounding, at least the non-target entries' typical relative rounding
+    keep = _non_target(ref)
+    rounding = exact.to(torch.bfloat16).double() - exact
+    typical_rel = float(rounding[keep].norm() / exact[keep].norm())
+    own = float(rounding[:, col].norm())
+    rows_scale = float(exact.norm()) / math.sqrt(int(ref.valid.sum())) * math.sqrt(case.N / case.V) * COL_FLOOR
+    column = float(exact[:, col].norm())
+    assert verdict.col_accuracy == pytest.approx(column / max(own, column * typical_rel, rows_scale), rel=1e-9)
+
+
+def test_a_column_that_happens_to_round_exactly_is_held_to_the_typical_rounding():
+    """One row, V=1000: some column's single entry rounds to bf16 with almost no error. Two bf16 steps off there is
+    what a kernel rounding twice returns; against that column's own rounding it would be thousands of times."""
+    case = Case("logits", N=1, V=1000, dtype="bfloat16")
+    ref = _ref(case)
+    exact = ref["logits"]
+    rounding = ((exact.to(torch.bfloat16).double() - exact) / exact).abs()[0]
+    rounding[int(ref.inputs["targets"][0])] = math.inf
+    col = int(rounding.argmin())
+    got = exact.to(torch.bfloat16)
+    got[0, col] = exact[0, col] * (1 + 2.0**-7)
+    verdict = _by_name(compare({"logits": got}, ref, case.dtype))["logits"]
+    assert float(rounding[col]) < 1e-5 and verdict.worst_col == col
+    assert 1 < verdict.col_accuracy < 16 and verdict.ok, verdict.describe()
+
+
+def test_the_column_figure_leaves_the_target_entries_to_the_other_figures():
+    case = Case("logits", N=64, V=40, dtype="bfloat16", ignore_frac=0.1)
+    ref = _ref(case)
+    rounded = ref["logits"].to(torch.bfloat16)
+    spoilt = rounded.clone()
+    spoilt[~_non_target(ref)] *= 1.5  # every target entry 50 % off: the row figure fails, the column figure is as before
+    clean, bad = (_by_name(compare({"logits": g}, ref, case.dtype))["logits"] for g in (rounded, spoilt))
+    assert not bad.ok and bad.row_accuracy > ROW_LIMIT
+    assert bad.col_accuracy == clean.col_accuracy and clean.col_accuracy <= 1.0 and clean.worst_col == bad.worst_col
+
+
+def test_a_column_of_entries_below_float32_on_their_rows_scale_is_not_judged_by_its_rounding():
+    """float32, a column of logits at -40 (p ~ 1e-18): an error there a quarter of the rows' float32 noise floor
+    (COL_FLOOR of their rms, per entry) passes, though it is 10^5 times the entries themselves; 512 times it fails."""
+    case = Case("logits", N=16, V=40, dtype="float32")
+    inputs = make_inputs(case, "cpu")
+    col = sorted(set(range(case.V)) - set(inputs["targets"].tolist()))[0]
+    inputs["logits"][:, col] = -40.0
+    ref = reference(case, inputs, make_grad_output(case, "cpu"))
+    exact = ref["logits"]
+    per_entry = float(exact.norm()) / math.sqrt(case.N) * COL_FLOOR / math.sqrt(case.V)
+    for factor, ok in ((0.25, True), (4 * COL_LIMIT, False)):
+        got = exact.clone()
+        got[:, col] += per_entry * factor
+        verdict = _by_name(compare({"logits": got.float()}, ref, case.dtype))["logits"]
+        assert verdict.ok == ok and verdict.col_accuracy == pytest.approx(factor, rel=0.05), verdict.describe()
+        assert verdict.row_accuracy <= ROW_LIMIT  # the rows cannot see it either way
+
+
+def test_badness_is_the_worst_figure_over_its_limit():
+    a = Agreement("logits", 0.0, 0.0, 1.0, accuracy=2.0, row_accuracy=4.0, col_accuracy=64.0)
+    assert badness(a) == pytest.approx(max(2.0 / GRAD_LIMIT, 4.0 / ROW_LIMIT, 64.0 / COL_LIMIT))
+    assert badness(Agreement("logits", 0.0, 0.0, 1.0, 2.0, 12.0)) == pytest.approx(12.0 / ROW_LIMIT)
+    assert badness(Agreement("logits", 0.0, 0.0, 1.0, 7.0, 1.0)) == pytest.approx(7.0 / GRAD_LIMIT)
+    assert not Agreement("logits", 0.0, 0.0, 1.0, 1.0, 1.0, col_accuracy=COL_LIMIT * 1.01).ok
+    assert Agreement("logits", 0.0, 0.0, 1.0, 1.0, 1.0, col_accuracy=COL_LIMIT).ok
 
 
 def test_a_scaled_gradient_shows_as_a_significant_bias():

@@ -118,3 +118,39 @@ def test_a_second_call_that_fails_shows_its_own_figures(planted_run, impl):
     _, frame = planted_run
     mine = frame[(frame["impl"] == impl) & (frame["metric"] == "accuracy[logits]")]
     assert len(mine) == 1 and float(mine.iloc[0]["value"]) > 8, mine.to_dict("records")
+
+
+BF16_SUITE = """
+name = "planted-column"
+device = "cpu"
+[timing]
+warmup = 0
+min_repeats = 2
+max_repeats = 2
+min_time_s = 0.0
+[[sweep]]
+family = "logits"
+N = [64]
+V = [4099]
+dtype = ["bfloat16"]
+ignore_frac = [0.1]
+modes = ["forward+backward"]
+"""
+
+
+def test_a_vocabulary_column_never_written_is_caught_by_the_worst_column(tmp_path):
+    """bf16, V=4099, no row targeting the last column: every figure but the worst column passes it."""
+    suite = tmp_path / "planted-column.toml"
+    suite.write_text(BF16_SUITE)
+    proc = cebench_cli("run", "--suite", suite, "--impl", "bug_tail_column,manual_logsoftmax",
+                       "--plugin", PLUGINS / "bug_tail_column.py", "--out", tmp_path, "--no-report", "--no-isolate")
+    assert proc.returncode == 1, proc.stderr
+    frame = read_results(Path(proc.stdout.strip().splitlines()[-1]))
+    bug, good = _agreement(frame, "bug_tail_column"), _agreement(frame, "manual_logsoftmax")
+    assert bug["status"] == "failed" and "worst column 4098" in bug["reason"], bug["reason"]
+    assert good["status"] == "ok"
+    figures = {r["metric"]: float(r["value"]) for r in frame[(frame["impl"] == "bug_tail_column")
+                                                              & (frame["mode"] == "check")].to_dict("records")
+               if r["metric"].endswith("[logits]")}
+    assert figures["col_accuracy[logits]"] > 128 and figures["accuracy[logits]"] <= 8
+    assert figures["row_accuracy[logits]"] <= 16

@@ -20,6 +20,7 @@ import math
 
 import torch
 
+from cebench.agreement import badness
 from cebench.cases import Case, differentiable_names
 from cebench.reference import compare
 from cebench.runner import MUTATION_LIE, mutated_inputs
@@ -50,14 +51,9 @@ def rank_check(case: Case, inputs: dict, loss: torch.Tensor, ref, pristine: dict
         agreements = [a for a in agreements if a.quantity.split(" ")[0] in wanted]
     return {"rank": rank,
             "agreements": [{"quantity": a.quantity, "max_abs_err": a.max_abs_err, "rel_err": a.rel_err,
-                            "badness": _badness(a), "ok": a.ok, "describe": a.describe()} for a in agreements],
+                            "badness": badness(a), "ok": a.ok, "describe": a.describe()} for a in agreements],
             "loss": [float(v) for v in loss.detach().float().reshape(-1).tolist()],
             "mutated": mutated_inputs(inputs, pristine)}
-
-
-def _badness(a) -> float:
-    """How far an agreement is from failing (above 1: failed), to pick the worst rank."""
-    return max(a.accuracy / a.limit, a.row_accuracy / a.row_limit)
 
 
 def loss_spread(losses: list[list[float]]) -> float:

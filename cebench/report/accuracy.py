@@ -2,7 +2,7 @@
 
 The run's check rows (cebench.runner, cebench.agreement) carry, per quantity q (the loss and
 each gradient): accuracy[q] (1 = as accurate as the dtype allows), row_accuracy[q] (the worst
-row against its own reference), bias[q] (half-ulps) and, for the logits gradient,
+row against its own reference), col_accuracy[q] (the worst column), bias[q] (half-ulps) and, for the logits gradient,
 target_accuracy[q] (unit roundoffs at the target class). The figure shown per implementation
 and case is the worst of accuracy[q] and target_accuracy[q]. An implementation that passes the
 check with a figure above LOOSE_ABOVE is correct but loose: it keeps fewer digits than its dtype
@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import pandas as pd
 
-from cebench.agreement import BIAS_LIMIT, GRAD_LIMIT, LOSS_LIMIT, ROW_LIMIT, TARGET_LIMIT
+from cebench.agreement import BIAS_LIMIT, COL_LIMIT, GRAD_LIMIT, LOSS_LIMIT, ROW_LIMIT, TARGET_LIMIT
 from cebench.report.data import Cell, Notes, Table, case_rows, label_of, lookup
 
 LOOSE_ABOVE = 1.1  # a figure above this (10 % more error than one rounding), within the limits: loose
@@ -28,6 +28,7 @@ RULE = (f"Accuracy figure: the error of the result ÷ the error of the exact (fl
         f"element in half-ulps of the case's dtype, whatever dtype it is returned in "
         f"(1 = correctly rounded; limit {LOSS_LIMIT:g}, one "
         f"rounding step); a gradient by its norm (limit {GRAD_LIMIT:g}×), its worst row (limit {ROW_LIMIT:g}×), "
+        f"its worst column without its target entries (limit {COL_LIMIT:g}×: a column wrong as a whole), "
         f"its mean signed error (limit ±{BIAS_LIMIT:g} half-ulps, when significant) and, for the logits, the "
         f"target-class entries (limit {TARGET_LIMIT:g} unit roundoffs). Beyond any limit the implementation "
         f"disagrees (FAIL) and is never ranked. Within the limits but above {LOOSE_ABOVE:g}, it is marked "
@@ -102,10 +103,13 @@ def _gradient_cell(rows: dict, case: str, impl: str, q: str) -> Cell:
     if overall is None:
         return Cell("—", "absent")
     worst_row = rows.get((case, impl, "check", f"row_accuracy[{q}]"))
+    worst_col = rows.get((case, impl, "check", f"col_accuracy[{q}]"))
     bias = rows.get((case, impl, "check", f"bias[{q}]"))
     text = f"{_num(float(overall['value']))}×"
     if worst_row is not None:
         text += f" / {_num(float(worst_row['value']))}×"
+    if worst_row is not None:  # runs made before the worst column was recorded show a dash there
+        text += f" / {_num(float(worst_col['value']))}×" if worst_col is not None else " / —"
     if bias is not None:
         text += f" / {float(bias['value']):+.2f}" if math.isfinite(float(bias["value"])) else f" / {bias['value']}"
     return Cell(text, reason=str(overall.get("reason") or ""), line=int(overall["line"]))
@@ -151,7 +155,7 @@ def accuracy_table(frame: pd.DataFrame, family: str) -> Table:
         body.append(cells)
     columns = ["case", "implementation", "check", *(["eval check"] if has_eval else [])]
     if new:
-        columns += ["accuracy (worst; 1 = the dtype's best)", "loss", *[f"{q}: overall / worst row / bias"
+        columns += ["accuracy (worst; 1 = the dtype's best)", "loss", *[f"{q}: overall / worst row / worst column / bias"
                                                                        for q in gradients],
                     *[f"{q}: target class" for q in targets]]
         caption = RULE
