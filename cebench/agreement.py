@@ -319,6 +319,8 @@ class _RowSums:
             return 0.0, None
         err2, ref2, best2 = self.cols
         ref_norm = math.sqrt(float(ref2.sum()))
+        if ref_norm == 0:  # nothing for a column to be wrong against (V=1, every row ignored): the rows judge the zeros
+            return 0.0, None
         best_rel = max(math.sqrt(float(best2.sum())) / ref_norm if ref_norm > 0 else 0.0, FP32_FLOOR)
         spread = COL_FLOOR * typical_row * math.sqrt(self.err2.numel() / err2.numel())
         floor = torch.clamp(ref2.sqrt() * best_rel, min=max(spread, 1e-300))

@@ -393,6 +393,17 @@ def test_a_column_of_entries_below_float32_on_their_rows_scale_is_not_judged_by_
         assert verdict.row_accuracy <= ROW_LIMIT  # the rows cannot see it either way
 
 
+def test_an_all_zero_reference_is_left_to_the_rows():
+    """V=1: the weight gradient is exactly zero; float32 noise there is judged by the rows (FP32_FLOOR of the
+    scale the gradient would have), not by columns whose reference is nothing (conformance, torch_linear at V=1)."""
+    case = Case("linear", N=8, V=1, H=40, dtype="float32")
+    ref = _ref(case)
+    assert float(ref["weight"].abs().max()) == 0.0
+    noise = torch.full((1, case.H), 5e-8)
+    verdict = _by_name(compare({"weight": noise}, ref, case.dtype))["weight"]
+    assert verdict.ok and (verdict.col_accuracy, verdict.worst_col) == (0.0, None), verdict.describe()
+
+
 def test_badness_is_the_worst_figure_over_its_limit():
     a = Agreement("logits", 0.0, 0.0, 1.0, accuracy=2.0, row_accuracy=4.0, col_accuracy=64.0)
     assert badness(a) == pytest.approx(max(2.0 / GRAD_LIMIT, 4.0 / ROW_LIMIT, 64.0 / COL_LIMIT))
