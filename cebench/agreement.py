@@ -315,13 +315,13 @@ class _RowSums:
         entries' typical relative rounding (so a column that happens to round exactly is not a false alarm) and
         a quarter of a float32 ulp of each row's rms (COL_FLOOR: a token the rows give p ~ 1e-11 is float32 noise
         next to them, whatever its own rounding)."""
-        if self.cols is None or not self.cols[0].numel():
+        if self.cols is None:  # no rows (N=0)
             return 0.0, None
         err2, ref2, best2 = self.cols
         ref_norm = math.sqrt(float(ref2.sum()))
         if ref_norm == 0:  # nothing for a column to be wrong against (V=1, every row ignored): the rows judge the zeros
             return 0.0, None
-        best_rel = max(math.sqrt(float(best2.sum())) / ref_norm if ref_norm > 0 else 0.0, FP32_FLOOR)
+        best_rel = max(math.sqrt(float(best2.sum())) / ref_norm, FP32_FLOOR)
         spread = COL_FLOOR * typical_row * math.sqrt(self.err2.numel() / err2.numel())
         floor = torch.clamp(ref2.sqrt() * best_rel, min=max(spread, 1e-300))
         ratio = err2.sqrt() / torch.maximum(best2.sqrt(), floor)

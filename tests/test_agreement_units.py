@@ -404,6 +404,13 @@ def test_an_all_zero_reference_is_left_to_the_rows():
     assert verdict.ok and (verdict.col_accuracy, verdict.worst_col) == (0.0, None), verdict.describe()
 
 
+def test_no_rows_no_columns():
+    case = Case("logits", N=0, V=7)
+    ref = _ref(case)
+    verdict = _by_name(compare({"logits": torch.zeros(0, 7)}, ref, case.dtype))["logits"]
+    assert verdict.ok and (verdict.col_accuracy, verdict.worst_col) == (0.0, None)
+
+
 def test_badness_is_the_worst_figure_over_its_limit():
     a = Agreement("logits", 0.0, 0.0, 1.0, accuracy=2.0, row_accuracy=4.0, col_accuracy=64.0)
     assert badness(a) == pytest.approx(max(2.0 / GRAD_LIMIT, 4.0 / ROW_LIMIT, 64.0 / COL_LIMIT))
