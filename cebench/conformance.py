@@ -322,6 +322,19 @@ def markdown(rows: list[dict], device: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def read_rows(path: Path) -> list[dict]:
+    """The rows of a conformance.csv as `run` made them (numbers as floats, NaN kept; empty fields None)."""
+    def number(text: str):
+        return float(text) if text not in ("", None) else None
+
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    for row in rows:
+        row["rel_err"], row["loss"] = number(row.get("rel_err")), number(row.get("loss"))
+        row["mutated"] = {"True": True, "False": False}.get(row.get("mutated"))
+    return rows
+
+
 def write(rows: list[dict], device: str, out: Path | None = None) -> Path:
     """Writes conformance.md and conformance.csv; returns the Markdown path."""
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")

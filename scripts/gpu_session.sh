@@ -3,8 +3,8 @@
 # result written under $OUT as it comes and packed into ONE archive at the end (only 8 files come back).
 #
 #   bash scripts/gpu_session.sh first    # peers + smoke on CUDA + gpu-headline (ours, torch, Liger, CCE, compile),
-#                                        # then the options suite if time is left
-#   bash scripts/gpu_session.sh second   # QuACK's cells of gpu-headline (carry the quack wheels)
+#                                        # then, with time left, the conformance matrix on CUDA and the options suite
+#   bash scripts/gpu_session.sh second   # QuACK's cells of gpu-headline and its conformance (carry the quack wheels)
 #   DEADLINE_S=540 bash scripts/gpu_session.sh first  # seconds after which the headline is stopped and packed
 # Device call, with the commit this tree is (the device's copy has no .git; env.json records it):
 #   run(command="CEBENCH_GIT_COMMIT=<git rev-parse HEAD> bash scripts/gpu_session.sh first", carry=[".whl"],
@@ -28,7 +28,7 @@ W=/tmp/cebench-work            # runs and logs are written here as they come, th
 DEADLINE_S=${DEADLINE_S:-560}  # the headline gets what is left of this after install, smoke and tuning (timeout_s=600:
                                # 40 s left to stop it and pack)
 SITE=/tmp/site
-mkdir -p "$OUT" "$W/runs" "$W/logs"
+mkdir -p "$OUT" "$W/runs" "$W/logs" "$W/conformance"
 export PYTHONUNBUFFERED=1
 # torch.cuda.is_available() through NVML, which does not initialise CUDA: a check made before the workers
 # fork can then not poison them ("Cannot re-initialize CUDA in forked subprocess")
@@ -36,7 +36,7 @@ export PYTORCH_NVML_BASED_CUDA_CHECK=1
 log() { echo "[$(date +%T)] $*" | tee -a "$W/logs/session.log"; }
 # also during the run: a call cut off still brings back what it had. tar exits 1 when a file grew while it was
 # read (results.csv, the logs: always, mid-run); that archive is still whole, so only rc > 1 keeps the old one
-pack() { tar cJf "$OUT/results.tar.xz.tmp" -C "$W" runs logs; (( $? <= 1 )) && mv "$OUT/results.tar.xz.tmp" "$OUT/results.tar.xz"
+pack() { tar cJf "$OUT/results.tar.xz.tmp" -C "$W" runs logs conformance; (( $? <= 1 )) && mv "$OUT/results.tar.xz.tmp" "$OUT/results.tar.xz"
          cp "$W/logs/session.log" "$OUT/"; }
 
 log "install carried wheels"
@@ -90,7 +90,27 @@ wait $PID 2>/dev/null; log "headline exit $?"
 for d in "$W"/runs/*-gpu-headline-*/; do [ -f "$W/logs/tune.json" ] && cp "$W/logs/tune.json" "$d"; done
 pack  # the headline whole, before anything else is tried
 
-# time left after the headline: the options (label smoothing, z-loss, softcap) on the peers' CUDA paths, which
+# time left after the headline: the conformance matrix on CUDA (edge cases and options at their extremes), one
+# implementation per process, so that the deadline loses only the one in flight; land_gpu_run.py joins the parts into
+# reports/conformance/<time>-cuda/, the table a report needs before its verdicts may name an implementation. Ours
+# first, then the CUDA-only peer (no CPU table has it) and the rest; torch.compile's recompiles would take it all
+conform() {
+  local impl
+  for impl in ${1//,/ }; do
+    LEFT_S=$((DEADLINE_S - SECONDS - 15)); (( LEFT_S >= 30 )) || break
+    log "conformance $impl (${LEFT_S}s left)"
+    timeout -k 5 "$LEFT_S" python3 -m cebench conformance --device cuda --impl "$impl" --out "$W/conformance/$impl" \
+      > "$W/logs/conformance-$impl.log" 2>&1; log "conformance $impl exit $?"
+  done
+  pack
+}
+if [[ $STAGE == first ]]; then
+  conform triton_fused,triton_fused_linear,cce,liger,liger_linear,torch,linear_torch,chunked,linear_chunked
+else
+  conform quack,quack_linear
+fi
+
+# and then the options suite (label smoothing, z-loss, softcap at ordinary values, timed) on the peers' CUDA paths, which
 # nothing else checks on a GPU (~1 min modelled); stopped in time to pack (timeout signals its whole process group:
 # the forkserver and workers too)
 LEFT_S=$((DEADLINE_S - SECONDS - 15))

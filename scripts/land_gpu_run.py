@@ -9,7 +9,10 @@ install, nvidia-smi and versions, the tuner's log and tune.json, each run's stdo
      row for every mode, against the cells its suite and --impl list ask for, naming the missing ones
      (a headline cut off by the session's deadline: finish it on a GPU with `run --resume`), and how long
      they would take there: the estimate, each implementation scaled by its own cells in this run;
-  3. renders reports/<run id>/ (report.md, report.html, headline.md) and prints headline.md.
+  3. joins the conformance tables the session made on the GPU (one `cebench conformance` per implementation, in
+     conformance/<impl>/) into one, reports/conformance/<time>-cuda/, where the reports look for it before
+     naming an implementation in a verdict;
+  4. renders reports/<run id>/ (report.md, report.html, headline.md) and prints headline.md.
 
     python scripts/land_gpu_run.py /work/.device/.../results.tar.xz      # then git add results/ reports/
 """
@@ -17,6 +20,9 @@ install, nvidia-smi and versions, the tuner's log and tune.json, each run's stdo
 from __future__ import annotations
 
 import argparse
+import csv
+import datetime as dt
+import json
 import os
 import shutil
 import subprocess
@@ -56,6 +62,38 @@ def land(run: Path, logs: Path, results_dir: Path) -> Path:
     shutil.copytree(run, dest)
     if logs.is_dir():
         shutil.copytree(logs, dest / SESSION)
+    return dest
+
+
+def merge_conformance(root: Path, reports_dir: Path) -> Path | None:
+    """The session's conformance parts (root/conformance/<impl>/: conformance.csv and versions.json) as one table in
+    reports_dir/conformance/<time of the first part>-<device>/; None when the session made none. Parts that disagree
+    on the device or a library's version, or a table already there, are refused: a table is stored once, as made."""
+    from cebench import conformance
+    from cebench.report.trust import _versions_match
+
+    parts = sorted(p.parent for p in (root / "conformance").glob("*/conformance.csv")
+                   if (p.parent / "versions.json").is_file())
+    if not parts:
+        return None
+    versions = [json.loads((p / "versions.json").read_text()) for p in parts]
+    for part, theirs in zip(parts[1:], versions[1:], strict=True):
+        if diffs := _versions_match(versions[0], theirs):
+            raise LandError(f"conformance part {part.name} was made with other versions than {parts[0].name}: "
+                            f"{'; '.join(diffs)}")
+    first = min(versions, key=lambda v: v["time"])
+    device = str(first["device"]).split(":")[0]
+    dest = reports_dir / "conformance" / f"{dt.datetime.fromisoformat(first['time']):%Y%m%d-%H%M%S}-{device}"
+    if dest.exists():
+        raise LandError(f"{dest} already exists: a stored conformance table is never overwritten")
+    rows = [row for part in parts for row in conformance.read_rows(part / "conformance.csv")]
+    dest.mkdir(parents=True)
+    with open(dest / "conformance.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=conformance.COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    (dest / "conformance.md").write_text(conformance.markdown(rows, first["device"]))
+    (dest / "versions.json").write_text(json.dumps({**first, "parts": [p.name for p in parts]}, indent=2) + "\n")
     return dest
 
 
@@ -147,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--results", type=Path, default=ROOT / "results", help="where runs land (default results/)")
     parser.add_argument("--no-report", action="store_true", help="land the runs only")
     args = parser.parse_args(argv)
-    from cebench.report.write import write_reports
+    from cebench.report.write import default_reports_dir, write_reports
 
     if travel_light_on():
         print("land_gpu_run: travel-light is on (results/ and reports/ are out of git): run "
@@ -160,10 +198,14 @@ def main(argv: list[str] | None = None) -> int:
             for run in runs:  # every destination checked before anything is copied
                 if (args.results / run.name).exists():
                     raise LandError(f"{args.results / run.name} already exists: a landed run is never overwritten")
+            # where the runs' reports will look for it: reports/ for results/, else beside the results folder
+            table = merge_conformance(Path(tmp), default_reports_dir(args.results / runs[0].name))
             landed = [land(run, Path(tmp) / "logs", args.results) for run in runs]
         except LandError as exc:
             print(f"land_gpu_run: {exc}", file=sys.stderr)
             return 2
+    if table is not None:
+        print(f"conformance table {table / 'conformance.md'}")
     for dest in landed:
         print(f"landed {dest}")
         print(completeness(dest))

@@ -3,6 +3,7 @@ them, missing cells named, reports rendered; a run already landed is never overw
 
 from __future__ import annotations
 
+import csv
 import importlib.util
 import io
 import json
@@ -12,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from cebench import estimate, suites
+from cebench.conformance import COLUMNS
 from tests.test_report import write_run
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -33,22 +35,35 @@ impls = ["torch", "chunked"]
 """
 
 
-def _archive(tmp_path: Path, run_args: dict, cell_seconds: dict | None = None) -> Path:
+CUDA_VERSIONS = {"device": "cuda", "torch": "2.11.0+cu130", "triton": "3.6.0", "liger_kernel": "0.8.5",
+                 "cut_cross_entropy": "25.1.1", "git_commit": "abc"}
+
+
+def _archive(tmp_path: Path, run_args: dict, cell_seconds: dict | None = None, conformance: dict | None = None) -> Path:
     """runs/<id>/ and logs/: torch's cell at V=4096 finished, at V=1024 cut off after one mode of three (the
-    session's deadline); chunked's never began."""
+    session's deadline); chunked's never began. `conformance`: impl -> (rows, versions) of a part the session made."""
     pack = tmp_path / "pack"
     cells = {("logits", 4096, None, "torch"): {"ms": 1.0, "mib": 1.0},
              ("logits", 1024, None, "torch"): {"ms": 1.0, "mib": 1.0, "modes": ("forward",)}}
-    run = write_run(pack / "runs", RUN_ID, cells, {"device": "cuda", "device_name": "NVIDIA H200", "run_args": run_args})
+    run = write_run(pack / "runs", RUN_ID, cells, {**CUDA_VERSIONS, "device_name": "NVIDIA H200", "run_args": run_args})
     if cell_seconds:  # as an isolated run records them
         (run / "cells.jsonl").write_text("".join(json.dumps({"impl": i, "case": c, "seconds": t}) + "\n"
                                                  for (i, c), t in cell_seconds.items()))
     (pack / "logs").mkdir()
     (pack / "logs" / "session.log").write_text("[10:00:00] smoke exit 0\n")
+    for impl, (rows, versions) in (conformance or {}).items():  # as `cebench conformance --out conformance/<impl>`
+        part = pack / "conformance" / impl
+        part.mkdir(parents=True)
+        with open(part / "conformance.csv", "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=COLUMNS)
+            writer.writeheader()
+            writer.writerows(rows)
+        (part / "versions.json").write_text(json.dumps(versions))
     archive = tmp_path / "results.tar.xz"
     with tarfile.open(archive, "w:xz") as tar:
-        tar.add(pack / "runs", "runs")
-        tar.add(pack / "logs", "logs")
+        for folder in ("runs", "logs", "conformance"):
+            if (pack / folder).is_dir():
+                tar.add(pack / folder, folder)
     return archive
 
 
@@ -126,3 +141,46 @@ def test_nothing_lands_when_one_run_of_the_archive_is_already_there(tmp_path, su
     (results / RUN_ID).mkdir(parents=True)
     assert land_gpu_run.main([str(archive), "--results", str(results), "--no-report"]) == 2
     assert not (results / smoke).exists() and not any((results / RUN_ID).iterdir())
+
+
+
+def _part(impl, family, scenario, status, time, **versions):
+    row = {"impl": impl, "family": family, "scenario": scenario, "status": status, "detail": "", "rel_err": "1e-07",
+           "loss": "nan" if scenario == "all ignored" else "", "mutated": "False"}
+    return [row], {**CUDA_VERSIONS, "time": time, **versions}
+
+
+def test_the_sessions_conformance_parts_land_as_one_table_the_report_uses(tmp_path, suite_file, capsys):
+    parts = {"triton_fused": _part("triton_fused", "logits", "odd V", "agrees", "2026-01-02T03:10:00+00:00"),
+             "cce": _part("cce", "linear", "all ignored", "differs", "2026-01-02T03:09:00+00:00")}
+    archive = _archive(tmp_path, {"suite": str(suite_file), "impl": "torch", "plugin": [], "model": None},
+                       conformance=parts)
+    results = tmp_path / "results"
+    assert land_gpu_run.main([str(archive), "--results", str(results)]) == 0
+    table = results / "reports" / "conformance" / "20260102-030900-cuda"  # beside the runs' reports; the first part's time
+    assert f"conformance table {table / 'conformance.md'}" in capsys.readouterr().out
+    with open(table / "conformance.csv", newline="") as f:
+        assert [(r["impl"], r["status"]) for r in csv.DictReader(f)] == [("cce", "differs"), ("triton_fused", "agrees")]
+    md = (table / "conformance.md").read_text()
+    assert "# Conformance on cuda" in md and "| odd V | agrees |" in md
+    assert "| all ignored | **differs** (rel 1.0e-07) (loss nan) |" in md
+    versions = json.loads((table / "versions.json").read_text())
+    assert versions["parts"] == ["cce", "triton_fused"] and versions["torch"] == "2.11.0+cu130"
+    assert "conformance table 20260102-030900-cuda (versions match this run" in \
+        (results / "reports" / RUN_ID / "report.md").read_text()
+
+    with tarfile.open(archive) as tar:
+        tar.extractall(tmp_path / "unpacked", filter="data")
+    with pytest.raises(land_gpu_run.LandError, match="a stored conformance table is never overwritten"):
+        land_gpu_run.merge_conformance(tmp_path / "unpacked", results / "reports")
+
+
+def test_conformance_parts_made_with_other_versions_land_nothing(tmp_path, suite_file, capsys):
+    parts = {"liger": _part("liger", "logits", "odd V", "agrees", "2026-01-02T03:10:00+00:00"),
+             "torch": _part("torch", "logits", "odd V", "agrees", "2026-01-02T03:11:00+00:00", torch="2.12.0")}
+    archive = _archive(tmp_path, {"suite": str(suite_file), "impl": "torch", "plugin": [], "model": None},
+                       conformance=parts)
+    results = tmp_path / "results"
+    assert land_gpu_run.main([str(archive), "--results", str(results), "--no-report"]) == 2
+    assert "conformance part torch was made with other versions than liger: torch '2.12.0'" in capsys.readouterr().err
+    assert not (results / RUN_ID).exists() and not (results / "reports").exists()
