@@ -24,10 +24,10 @@
 set -uo pipefail
 STAGE=${1:-first}
 OUT=${OUT:-/tmp/cebench-out}  # what comes back: results.tar.xz and session.log only (8 files at most)
-W=/tmp/cebench-work            # runs and logs are written here as they come, then packed into $OUT
+W=${W:-/tmp/cebench-work}      # runs and logs are written here as they come, then packed into $OUT
 DEADLINE_S=${DEADLINE_S:-560}  # the headline gets what is left of this after install, smoke and tuning (timeout_s=600:
                                # 40 s left to stop it and pack)
-SITE=/tmp/site
+SITE=${SITE:-/tmp/site}
 mkdir -p "$OUT" "$W/runs" "$W/logs" "$W/conformance"
 export PYTHONUNBUFFERED=1
 # torch.cuda.is_available() through NVML, which does not initialise CUDA: a check made before the workers
