@@ -337,7 +337,7 @@ def read_rows(path: Path) -> list[dict]:
 
 def write(rows: list[dict], device: str, out: Path | None = None) -> Path:
     """Writes conformance.md and conformance.csv; returns the Markdown path."""
-    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%d-%H%M%S")  # UTC, as versions.json's time
     folder = Path(out) if out else REPORTS_DIR / f"{stamp}-{device.split(':')[0]}"
     folder.mkdir(parents=True, exist_ok=True)
     with open(folder / "conformance.csv", "w", newline="") as f:

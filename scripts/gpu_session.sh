@@ -28,6 +28,7 @@ W=${W:-/tmp/cebench-work}      # runs and logs are written here as they come, th
 DEADLINE_S=${DEADLINE_S:-560}  # the headline gets what is left of this after install, smoke and tuning (timeout_s=600:
                                # 40 s left to stop it and pack)
 SITE=${SITE:-/tmp/site}
+rm -rf "$W"  # a machine still warm from a first call must not pack that call's runs and parts again
 mkdir -p "$OUT" "$W/runs" "$W/logs" "$W/conformance"
 export PYTHONUNBUFFERED=1
 # torch.cuda.is_available() through NVML, which does not initialise CUDA: a check made before the workers
@@ -93,7 +94,7 @@ pack  # the headline whole, before anything else is tried
 # time left after the headline: the conformance matrix on CUDA (edge cases and options at their extremes), one
 # implementation per process, so that the deadline loses only the one in flight; land_gpu_run.py joins the parts into
 # reports/conformance/<time>-cuda/, the table a report needs before its verdicts may name an implementation. Ours
-# first, then the CUDA-only peer (no CPU table has it) and the rest; torch.compile's recompiles would take it all
+# first, then the CUDA-only peer (no CPU table has it) and the rest; the compiled ones last (a compile per scenario)
 conform() {
   local impl
   for impl in ${1//,/ }; do
@@ -105,7 +106,8 @@ conform() {
   pack
 }
 if [[ $STAGE == first ]]; then
-  conform triton_fused,triton_fused_linear,cce,liger,liger_linear,torch,linear_torch,chunked,linear_chunked
+  conform triton_fused,triton_fused_linear,cce,liger,liger_linear,torch,linear_torch,chunked,linear_chunked,torch_linear
+  conform torch_compile,cce_torch_compile
 else
   conform quack,quack_linear
 fi

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime as dt
+import io
 import json
 import os
 import shutil
@@ -49,8 +50,9 @@ def extract(archive: Path, into: Path) -> list[Path]:
     except (OSError, tarfile.TarError) as exc:
         raise LandError(f"{archive}: cannot be unpacked: {exc}") from exc
     runs = sorted(p for p in (into / "runs").glob("*") if (p / "results.csv").is_file() and (p / "env.json").is_file())
-    if not runs:
-        raise LandError(f"{archive}: holds no run directory (runs/<run id>/ with results.csv and env.json)")
+    if not runs and not any((into / "conformance").glob("*/conformance.csv")):
+        raise LandError(f"{archive}: holds no run directory (runs/<run id>/ with results.csv and env.json) and no "
+                        f"conformance part")
     return runs
 
 
@@ -67,31 +69,41 @@ def land(run: Path, logs: Path, results_dir: Path) -> Path:
 
 def merge_conformance(root: Path, reports_dir: Path) -> Path | None:
     """The session's conformance parts (root/conformance/<impl>/: conformance.csv and versions.json) as one table in
-    reports_dir/conformance/<time of the first part>-<device>/; None when the session made none. Parts that disagree
-    on the device or a library's version, or a table already there, are refused: a table is stored once, as made."""
+    reports_dir/conformance/<time of the first part, UTC>-<device>/; None when the session made none. A part cut off
+    before its versions.json was written is left out, and said so. Parts that disagree on the device or a library's
+    version are refused; so is a different table already at that place (the same one again is landed already)."""
     from cebench import conformance
     from cebench.report.trust import _versions_match
 
-    parts = sorted(p.parent for p in (root / "conformance").glob("*/conformance.csv")
-                   if (p.parent / "versions.json").is_file())
+    parts, versions = [], []
+    for part in sorted(p.parent for p in (root / "conformance").glob("*/conformance.csv")):
+        try:
+            versions.append(json.loads((part / "versions.json").read_text()))
+            parts.append(part)
+        except (OSError, json.JSONDecodeError) as exc:
+            print(f"land_gpu_run: conformance part {part.name} left out: no readable versions.json ({exc})",
+                  file=sys.stderr)
     if not parts:
         return None
-    versions = [json.loads((p / "versions.json").read_text()) for p in parts]
     for part, theirs in zip(parts[1:], versions[1:], strict=True):
         if diffs := _versions_match(versions[0], theirs):
             raise LandError(f"conformance part {part.name} was made with other versions than {parts[0].name}: "
                             f"{'; '.join(diffs)}")
-    first = min(versions, key=lambda v: v["time"])
-    device = str(first["device"]).split(":")[0]
-    dest = reports_dir / "conformance" / f"{dt.datetime.fromisoformat(first['time']):%Y%m%d-%H%M%S}-{device}"
-    if dest.exists():
-        raise LandError(f"{dest} already exists: a stored conformance table is never overwritten")
+    first = min(versions, key=lambda v: dt.datetime.fromisoformat(v["time"]))
+    made = dt.datetime.fromisoformat(first["time"]).astimezone(dt.UTC)
+    dest = reports_dir / "conformance" / f"{made:%Y%m%d-%H%M%S}-{str(first['device']).split(':')[0]}"
     rows = [row for part in parts for row in conformance.read_rows(part / "conformance.csv")]
+    table = io.StringIO()
+    writer = csv.DictWriter(table, fieldnames=conformance.COLUMNS, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    if dest.exists():
+        if (dest / "conformance.csv").is_file() and (dest / "conformance.csv").read_bytes() == table.getvalue().encode():
+            return dest  # this archive's table, landed before
+        raise LandError(f"{dest} already exists and holds another table: a stored conformance table is never "
+                        f"overwritten")
     dest.mkdir(parents=True)
-    with open(dest / "conformance.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=conformance.COLUMNS, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
+    (dest / "conformance.csv").write_bytes(table.getvalue().encode())
     (dest / "conformance.md").write_text(conformance.markdown(rows, first["device"]))
     (dest / "versions.json").write_text(json.dumps({**first, "parts": [p.name for p in parts]}, indent=2) + "\n")
     return dest
@@ -199,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
                 if (args.results / run.name).exists():
                     raise LandError(f"{args.results / run.name} already exists: a landed run is never overwritten")
             # where the runs' reports will look for it: reports/ for results/, else beside the results folder
-            table = merge_conformance(Path(tmp), default_reports_dir(args.results / runs[0].name))
+            table = merge_conformance(Path(tmp), default_reports_dir(args.results / (runs[0].name if runs else "-")))
             landed = [land(run, Path(tmp) / "logs", args.results) for run in runs]
         except LandError as exc:
             print(f"land_gpu_run: {exc}", file=sys.stderr)

@@ -39,7 +39,7 @@ def test_every_step_fails_fast_without_a_gpu_and_the_archive_comes_back(tmp_path
         steps += ["options exit 2"]
     for step in steps:
         assert step in log, f"{step!r} missing from the session log:\n{log}"
-    impls = ("triton_fused", "cce", "linear_chunked") if stage == "first" else ("quack", "quack_linear")
+    impls = ("triton_fused", "cce", "linear_chunked", "cce_torch_compile") if stage == "first" else ("quack", "quack_linear")
     for impl in impls:  # each implementation's conformance in a process of its own, none left out
         assert f"conformance {impl} exit 2" in log
     with tarfile.open(out / "results.tar.xz") as tar:

@@ -171,7 +171,10 @@ def test_the_sessions_conformance_parts_land_as_one_table_the_report_uses(tmp_pa
 
     with tarfile.open(archive) as tar:
         tar.extractall(tmp_path / "unpacked", filter="data")
-    with pytest.raises(land_gpu_run.LandError, match="a stored conformance table is never overwritten"):
+    assert land_gpu_run.merge_conformance(tmp_path / "unpacked", results / "reports") == table  # landed already
+    part = tmp_path / "unpacked" / "conformance" / "cce" / "conformance.csv"
+    part.write_text(part.read_text().replace("differs", "agrees"))  # another table for the same place
+    with pytest.raises(land_gpu_run.LandError, match="holds another table: a stored conformance table is never"):
         land_gpu_run.merge_conformance(tmp_path / "unpacked", results / "reports")
 
 
@@ -184,3 +187,30 @@ def test_conformance_parts_made_with_other_versions_land_nothing(tmp_path, suite
     assert land_gpu_run.main([str(archive), "--results", str(results), "--no-report"]) == 2
     assert "conformance part torch was made with other versions than liger: torch '2.12.0'" in capsys.readouterr().err
     assert not (results / RUN_ID).exists() and not (results / "reports").exists()
+
+
+def test_conformance_parts_alone_land_and_a_part_cut_off_is_left_out_and_said(tmp_path, capsys):
+    """No run (the headline never made its folder), two parts, one cut off before its versions.json; the times
+    carry other offsets than UTC, and the table is named by the earliest one, in UTC."""
+    pack = tmp_path / "pack"
+    for impl, time in (("torch", "2026-01-02T05:10:00+02:00"), ("liger", "2026-01-02T03:11:00+00:00"),
+                       ("chunked", None)):
+        part = pack / "conformance" / impl
+        part.mkdir(parents=True)
+        rows, versions = _part(impl, "logits", "odd V", "agrees", time or "")
+        with open(part / "conformance.csv", "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=COLUMNS)
+            writer.writeheader()
+            writer.writerows(rows)
+        if time:
+            (part / "versions.json").write_text(json.dumps(versions))
+    archive = tmp_path / "results.tar.xz"
+    with tarfile.open(archive, "w:xz") as tar:
+        tar.add(pack / "conformance", "conformance")
+    results = tmp_path / "results"
+    assert land_gpu_run.main([str(archive), "--results", str(results)]) == 0
+    captured = capsys.readouterr()
+    assert "conformance part chunked left out: no readable versions.json" in captured.err
+    table = results / "reports" / "conformance" / "20260102-031000-cuda"
+    assert f"conformance table {table / 'conformance.md'}" in captured.out
+    assert json.loads((table / "versions.json").read_text())["parts"] == ["liger", "torch"]
