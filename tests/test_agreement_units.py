@@ -540,6 +540,8 @@ def test_each_shard_is_checked_against_its_own_slice(dim, start, stop):
     part.view(-1)[part.numel() // 2] += 0.25  # one wrong entry in this rank's slice
     verdict = _by_name(compare({"loss": ref.loss, "logits": part}, ref, case.dtype, shards=shard))["logits"]
     assert not verdict.ok
+    column = (part.numel() // 2) % part.shape[1]
+    assert verdict.worst_col == column + (start if dim == 1 else 0)  # the full vocabulary's column, not the shard's
     wrong_shape = full if stop - start < full.shape[dim] else full[:-1]
     verdict = compare({"loss": ref.loss, "logits": wrong_shape}, ref, case.dtype, shards=shard)[1]
     assert verdict.quantity.startswith("logits (shape ") and not verdict.ok
