@@ -328,7 +328,7 @@ class _RowSums:
         ref_norm = math.sqrt(float(ref2.sum()))
         if ref_norm == 0:  # nothing for a column to be wrong against (V=1, every row ignored): the rows judge the zeros
             return 0.0, None
-        least = 2.0 ** -(_MANTISSA[self.judged] + 3) if self.judged in _MANTISSA else 0.0
+        least = 2.0 ** -(_MANTISSA[self.judged] + 3)
         best_rel = max(math.sqrt(float(best2.sum())) / ref_norm, least, FP32_FLOOR)
         rows_norm = math.sqrt(float(self.ref2.sum()) / max(1, int((self.ref2 > 0).sum())))
         spread = COL_FLOOR * rows_norm * math.sqrt(self.err2.numel() / err2.numel())
