@@ -316,12 +316,13 @@ class _RowSums:
         rows = (targets >= 0).nonzero().flatten()
         return rows, targets[rows]
 
-    def _columns(self) -> tuple[float, int | None]:
+    def _columns(self, rows_norm: float) -> tuple[float, int | None]:
         """(worst column's accuracy, its index). Its yardstick: the column's own rounding, at least the non-target
         entries' typical relative rounding (so a column that happens to round exactly is not a false alarm; never
         below the dtype's least, 2^-(mantissa+3): a few rows can measure less by chance) and a quarter of a float32
         ulp of each row's rms (COL_FLOOR: a token the rows give p ~ 1e-11 is float32 noise next to them, whatever its
-        own rounding; the rows as they are, not the upstream's scale, which confident rows fall far below)."""
+        own rounding; `rows_norm`: the rows' typical norm as they are, not the upstream's scale, which confident
+        rows fall far below)."""
         if self.cols is None:  # no rows (N=0)
             return 0.0, None
         err2, ref2, best2 = self.cols
@@ -330,7 +331,6 @@ class _RowSums:
             return 0.0, None
         least = 2.0 ** -(_MANTISSA[self.judged] + 3)
         best_rel = max(math.sqrt(float(best2.sum())) / ref_norm, least, FP32_FLOOR)
-        rows_norm = math.sqrt(float(self.ref2.sum()) / max(1, int((self.ref2 > 0).sum())))
         spread = COL_FLOOR * rows_norm * math.sqrt(self.err2.numel() / err2.numel())
         floor = torch.clamp(ref2.sqrt() * best_rel, min=max(spread, 1e-300))
         ratio = err2.sqrt() / torch.maximum(best2.sqrt(), floor)
@@ -380,14 +380,15 @@ class _RowSums:
         best_rel = max(math.sqrt(float(self.best2.sum())) / ref_norm if ref_norm > 0 else 0.0, FP32_FLOOR)
         # a row's yardstick: its own best, at least the tensor's typical level; a row whose reference
         # is zero (an ignored target) gets float32 arithmetic on a typical row's norm, so it must be ~0
-        typical_row = max(ref_norm / math.sqrt(max(1, int((self.ref2 > 0).sum()))), scale_hint)
+        rows_norm = ref_norm / math.sqrt(max(1, int((self.ref2 > 0).sum())))
+        typical_row = max(rows_norm, scale_hint)
         floor = torch.clamp(self.ref2.sqrt() * best_rel, min=max(FP32_FLOOR * typical_row, 1e-300))
         row_ratio = self.err2.sqrt() / torch.maximum(self.best2.sqrt(), floor)
         worst = int(row_ratio.argmax()) if row_ratio.numel() else None
         row_accuracy = float(row_ratio.max()) if row_ratio.numel() else 0.0
         # an all-zero reference (V=1, every target ignored) is judged row by row, against the scale it would have
         accuracy = rel / best_rel if ref_norm > 0 else row_accuracy
-        col_accuracy, worst_col = self._columns()
+        col_accuracy, worst_col = self._columns(rows_norm)
         bias, t = self.bias()
         target = math.sqrt(self.target_err2 / self.target_allowed2) if self.target_allowed2 else 0.0
         target_rel = math.sqrt(self.target_err2 / self.target_ref2) if self.target_ref2 else None

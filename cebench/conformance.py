@@ -33,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import datetime as dt
+import io
 import json
 import math
 import re
@@ -335,15 +336,21 @@ def read_rows(path: Path) -> list[dict]:
     return rows
 
 
+def csv_text(rows: list[dict]) -> str:
+    """conformance.csv's contents (as written: its line ends are the csv module's)."""
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=COLUMNS, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    return text.getvalue()
+
+
 def write(rows: list[dict], device: str, out: Path | None = None) -> Path:
     """Writes conformance.md and conformance.csv; returns the Markdown path."""
     stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%d-%H%M%S")  # UTC, as versions.json's time
     folder = Path(out) if out else REPORTS_DIR / f"{stamp}-{device.split(':')[0]}"
     folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / "conformance.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
+    (folder / "conformance.csv").write_bytes(csv_text(rows).encode())
     path = folder / "conformance.md"
     path.write_text(markdown(rows, device))
     # the versions a report matches a run against before trusting this table (cebench/report/trust.py)

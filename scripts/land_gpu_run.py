@@ -20,9 +20,7 @@ install, nvidia-smi and versions, the tuner's log and tune.json, each run's stdo
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime as dt
-import io
 import json
 import os
 import shutil
@@ -93,17 +91,14 @@ def merge_conformance(root: Path, reports_dir: Path) -> Path | None:
     made = dt.datetime.fromisoformat(first["time"]).astimezone(dt.UTC)
     dest = reports_dir / "conformance" / f"{made:%Y%m%d-%H%M%S}-{str(first['device']).split(':')[0]}"
     rows = [row for part in parts for row in conformance.read_rows(part / "conformance.csv")]
-    table = io.StringIO()
-    writer = csv.DictWriter(table, fieldnames=conformance.COLUMNS, extrasaction="ignore")
-    writer.writeheader()
-    writer.writerows(rows)
+    table = conformance.csv_text(rows).encode()
     if dest.exists():
-        if (dest / "conformance.csv").is_file() and (dest / "conformance.csv").read_bytes() == table.getvalue().encode():
+        if (dest / "conformance.csv").is_file() and (dest / "conformance.csv").read_bytes() == table:
             return dest  # this archive's table, landed before
         raise LandError(f"{dest} already exists and holds another table: a stored conformance table is never "
                         f"overwritten")
     dest.mkdir(parents=True)
-    (dest / "conformance.csv").write_bytes(table.getvalue().encode())
+    (dest / "conformance.csv").write_bytes(table)
     (dest / "conformance.md").write_text(conformance.markdown(rows, first["device"]))
     (dest / "versions.json").write_text(json.dumps({**first, "parts": [p.name for p in parts]}, indent=2) + "\n")
     return dest

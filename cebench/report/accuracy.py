@@ -106,9 +106,8 @@ def _gradient_cell(rows: dict, case: str, impl: str, q: str) -> Cell:
     worst_col = rows.get((case, impl, "check", f"col_accuracy[{q}]"))
     bias = rows.get((case, impl, "check", f"bias[{q}]"))
     text = f"{_num(float(overall['value']))}×"
-    if worst_row is not None:
-        text += f" / {_num(float(worst_row['value']))}×"
     if worst_row is not None:  # runs made before the worst column was recorded show a dash there
+        text += f" / {_num(float(worst_row['value']))}×"
         text += f" / {_num(float(worst_col['value']))}×" if worst_col is not None else " / —"
     if bias is not None:
         text += f" / {float(bias['value']):+.2f}" if math.isfinite(float(bias["value"])) else f" / {bias['value']}"
