@@ -39,7 +39,7 @@ def case_id(family, N, V, H, dtype, distribution="gaussian", model=None) -> str:
 
 def cell(writer: RunWriter, impl: str, ms: float, *, family="logits", N=64, V=1000, H=None, dtype="float32",
          mib=1.0, agrees=True, eval_agrees=True, accuracy=1.0, grad_in_forward=False, spread=STEADY,
-         distribution="gaussian", model=None, upstream="ones") -> str:
+         distribution="gaussian", model=None, upstream="ones", bias=0.1, bias_t=0.5) -> str:
     """One implementation × case: check rows (accuracy figures, agreement, eval agreement), then every mode."""
     case = case_id(family, N, V, H, dtype, distribution, model)
     base = {"run_id": "planted", "suite": "planted", "case": case, "family": family, "impl": impl, "N": N, "V": V,
@@ -59,7 +59,8 @@ def cell(writer: RunWriter, impl: str, ms: float, *, family="logits", N=64, V=10
         row("check", f"max_abs_err[{q}]", 1e-5 * accuracy, unit="abs")
         row("check", f"accuracy[{q}]", accuracy, unit="x best", reason=f"{q}: accuracy {accuracy}x")
         row("check", f"row_accuracy[{q}]", accuracy * 1.5, unit="x best", reason="worst row 3")
-        row("check", f"bias[{q}]", 0.1, unit="half-ulps", reason="t = 0.5")
+        row("check", f"col_accuracy[{q}]", accuracy * 2, unit="x best", reason="worst column 7")
+        row("check", f"bias[{q}]", bias, unit="half-ulps", reason=f"t = {bias_t}")
     row("check", "agreement", float(agrees), "ok" if agrees else "failed", unit="bool",
         reason="agrees: fine" if agrees else "DISAGREES with float64 reference: logits: accuracy 40x > 8x")
     row("check", "mutates_input", 0.0, unit="bool")
@@ -302,6 +303,43 @@ def test_accuracy_figure_and_loose_marking(shown):
     assert loose[2].text == "loose" and loose[4].status == "loose" and loose[4].text.startswith("1.6×")
     assert "1 = as accurate as the dtype allows" in shown["md"] and "*loose*" in shown["md"]
     assert "| loose |" in shown["md"]
+
+
+def test_worst_figures_per_implementation_and_dtype(tmp_path):
+    from cebench.report.accuracy import worst_table
+
+    writer = RunWriter(tmp_path / "worst")
+    cell(writer, "plain", 1.0, V=1000, accuracy=1.2, bias=-0.3, bias_t=-1.0)
+    cell(writer, "plain", 1.0, V=2000, accuracy=3.0, bias=-1.5, bias_t=-9.0)  # significant: shown though smaller
+    cell(writer, "plain", 1.0, V=3000, accuracy=0.5, bias=4.0, bias_t=2.0)  # larger, noise
+    cell(writer, "plain", 1.0, V=2000, dtype="bfloat16")
+    cell(writer, "broken", 1.0, V=1000, agrees=False, accuracy=40.0)
+    cell(writer, "broken", 1.0, V=2000)
+    run = report_data.load(finish(writer, tmp_path / "worst"), [])
+    table = worst_table(run.frame, "logits")
+    rows = {(r[0].text, r[1].text): r[2:] for r in table.rows}
+    assert list(rows) == [("plain", "float32"), ("plain", "bfloat16"), ("broken", "float32")]
+    plain = [c.text for c in rows[("plain", "float32")]]
+    assert plain == ["3 of 3", "3×", "4.5×", "6×", "1.5", "—", "0.5 half-ulps"]
+    assert [c.text for c in rows[("plain", "bfloat16")]][:2] == ["1 of 1", "1×"]
+    assert [c.text for c in rows[("broken", "float32")]][:2] == ["1 of 2", "40×"]
+    assert rows[("broken", "float32")][0].status == "fail"
+    quiet = [c.text for c in rows[("plain", "bfloat16")]][4]
+    assert quiet == "0.1*"  # no significant bias: the largest, marked
+    line = rows[("plain", "float32")][1].line  # every figure traces back to its results.csv row
+    source = run.frame[run.frame["line"] == line].iloc[0]
+    assert source["metric"] == "accuracy[logits]" and source["value"] == 3.0
+    text = write_reports(tmp_path / "worst", tmp_path / "reports", [])["markdown"].read_text()
+    assert "| gradients: accuracy | worst row | worst column | \\|bias\\| (half-ulps) |" in text  # pipes escaped
+
+
+def test_no_worst_figures_for_a_run_of_one_case_each(tmp_path):
+    from cebench.report.accuracy import worst_table
+
+    writer = RunWriter(tmp_path / "single")
+    cell(writer, "plain", 1.0)
+    cell(writer, "other", 1.0, dtype="bfloat16")
+    assert worst_table(report_data.load(finish(writer, tmp_path / "single"), []).frame, "logits") is None
 
 
 def test_model_and_distribution_and_autocast_shown_with_the_case(shown):

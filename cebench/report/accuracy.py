@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import pandas as pd
 
-from cebench.agreement import BIAS_LIMIT, COL_LIMIT, GRAD_LIMIT, LOSS_LIMIT, ROW_LIMIT, TARGET_LIMIT
+from cebench.agreement import BIAS_LIMIT, BIAS_T, COL_LIMIT, GRAD_LIMIT, LOSS_LIMIT, ROW_LIMIT, TARGET_LIMIT
 from cebench.report.data import Cell, Notes, Table, case_rows, label_of, lookup
 
 LOOSE_ABOVE = 1.1  # a figure above this (10 % more error than one rounding), within the limits: loose
@@ -162,3 +162,75 @@ def accuracy_table(frame: pd.DataFrame, family: str) -> Table:
         columns += [f"{q}: rel / max abs err" for q in quantities]
         caption = "This run predates the accuracy figures: relative and largest absolute errors against float64."
     return Table("Accuracy against the float64 reference", [*columns, "mutates inputs"], body, notes.texts, caption)
+
+
+def _worst(values: pd.Series) -> tuple[float, int | None]:
+    """The largest value (nan only when all are) and its results.csv line."""
+    numbers = pd.to_numeric(values, errors="coerce")
+    if numbers.notna().sum() == 0:
+        return math.nan, None
+    return float(numbers.max()), int(numbers.idxmax())
+
+
+def _figure_cell(group: pd.DataFrame, pattern: str, unit: str = "×") -> Cell:
+    rows = group[group["metric"].astype(str).str.match(pattern)]
+    value, at = _worst(rows["value"])
+    if at is None:
+        return Cell("—", "absent")
+    return Cell(f"{_num(value)}{unit}", line=int(rows.loc[at, "line"]))
+
+
+def _t_of(reason) -> float:
+    """The t statistic a bias row's reason carries ("t = 3.2"); nan when it does not."""
+    text = str(reason or "")
+    try:
+        return abs(float(text.split("t =", 1)[1]))
+    except (IndexError, ValueError):
+        return math.nan
+
+
+def _bias_cell(group: pd.DataFrame) -> Cell:
+    """The largest significant |bias|; when none is significant the largest one, marked * (noise)."""
+    rows = group[group["metric"].astype(str).str.startswith("bias[")]
+    if rows.empty:
+        return Cell("—", "absent")
+    size = pd.to_numeric(rows["value"], errors="coerce").abs()
+    significant = rows["reason"].map(_t_of) > BIAS_T
+    value, at = _worst(size[significant])
+    if at is not None:
+        return Cell(f"{_num(value)}", line=int(rows.loc[at, "line"]))
+    value, at = _worst(size)
+    return Cell(f"{_num(value)}*", line=int(rows.loc[at, "line"])) if at is not None else Cell("—", "absent")
+
+
+def worst_table(frame: pd.DataFrame, family: str) -> Table | None:
+    """Per implementation and dtype, the worst figure of each kind over every case of the run: how far from
+    the dtype's best it ever got. Only for runs with several cases per implementation and dtype (the
+    accuracy suite); a single case's figures are in the accuracy table already."""
+    checks = frame[(frame["family"] == family) & (frame["mode"] == "check")]
+    if "accuracy[loss]" not in set(checks["metric"]):
+        return None
+    verdicts = checks[checks["metric"] == "agreement"]
+    judged = verdicts[verdicts["status"].isin(["ok", "failed"])]
+    if judged.groupby(["impl", "dtype"])["case"].nunique().max() < 2:
+        return None
+    gradient = r"^accuracy\[(?!loss\])"
+    body = []
+    for (impl, dtype), group in checks.groupby(["impl", "dtype"], sort=False):
+        cases = judged[(judged["impl"] == impl) & (judged["dtype"] == dtype)]
+        if cases.empty:
+            continue
+        agree = int((cases["status"] == "ok").sum())
+        body.append([Cell(impl), Cell(dtype), Cell(f"{agree} of {len(cases)}", "ok" if agree == len(cases) else "fail"),
+                     _figure_cell(group, gradient), _figure_cell(group, r"^row_accuracy\["),
+                     _figure_cell(group, r"^col_accuracy\["), _bias_cell(group),
+                     _figure_cell(group, r"^target_accuracy\[", "u"),
+                     _figure_cell(group, r"^accuracy\[loss\]", " half-ulps")])
+    columns = ["implementation", "dtype", "cases that agree", "gradients: accuracy", "worst row", "worst column",
+               "|bias| (half-ulps)", "target class", "loss"]
+    caption = (f"The worst of every case of this run, per implementation and dtype (each gradient it returns; "
+               f"the limits: accuracy {GRAD_LIMIT:g}×, row {ROW_LIMIT:g}×, column {COL_LIMIT:g}×, bias ±{BIAS_LIMIT:g} "
+               f"when significant, target class {TARGET_LIMIT:g}u, loss {LOSS_LIMIT:g} half-ulps). * the largest "
+               f"|bias| where none is significant (|t| ≤ {BIAS_T:g}). Cases that did not agree count too: their "
+               f"figures are the failing call's.")
+    return Table("Worst figures per implementation and dtype", columns, body, [], caption)

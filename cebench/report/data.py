@@ -294,7 +294,7 @@ def family_tables(frame: pd.DataFrame, family: str, trust: report_trust.Trust | 
     """The tables of one family; with the probe's ceilings (GPU runs) also the speed-of-light table, for the
     linear family at the Gemma 2 2B head the CCE paper's Table 1 beside this run's figures, and for the logits
     family the launch-config tuning of our kernel where the run directory holds it."""
-    from cebench.report.accuracy import accuracy_table  # these build on this module's cells
+    from cebench.report.accuracy import accuracy_table, worst_table  # these build on this module's cells
     from cebench.report.headline import versus_table
     from cebench.report.roofline import roofline_table
     from cebench.report.stability import stability_table
@@ -303,7 +303,7 @@ def family_tables(frame: pd.DataFrame, family: str, trust: report_trust.Trust | 
 
     tables = [time_table(frame, family, trust), memory_table(frame, family), speedup_table(frame, family),
               versus_table(frame, family, trust) if trust is not None else None, roofline_table(frame, family, roof),
-              accuracy_table(frame, family), stability_table(frame, family),
+              accuracy_table(frame, family), worst_table(frame, family), stability_table(frame, family),
               table1(frame) if family == "linear" else None, tuning_table(run_dir) if family == "logits" else None]
     return [t for t in tables if t is not None]
 

@@ -38,7 +38,8 @@ def _cell(cell: Cell) -> str:
 
 
 def table(tab: Table, level: str = "####") -> list[str]:
-    lines = [f"{level} {tab.title}", "", "| " + " | ".join(tab.columns) + " |", "|" + "---|" * len(tab.columns)]
+    header = "| " + " | ".join(_escape(c) for c in tab.columns) + " |"
+    lines = [f"{level} {tab.title}", "", header, "|" + "---|" * len(tab.columns)]
     lines += ["| " + " | ".join(_cell(c) for c in row) + " |" for row in tab.rows]
     lines.append("")
     if tab.notes:
